@@ -1,0 +1,1 @@
+"""One module per upstream behind one ``Upstream`` protocol (grows with the replication work)."""

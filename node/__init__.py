@@ -1,0 +1,3 @@
+"""The wardsync node daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Dossier Docs, records and digests, hybrid logical clock, journal."""
