@@ -1,0 +1,82 @@
+"""Operations on a dossier's Doc.
+
+One Doc per dossier (guid = code). Root types are Maps from a natural key to an immutable JSON value;
+there are no nested shared types and never an Array, so concurrent writers can only ever add keys or
+race on one scalar, which Yjs resolves the same way everywhere. A Doc only grows by applying Y updates or
+by new operations; it is never rebuilt from plain data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from sync.record import DOCUMENTS, FEES, FIELDS, HLC_FIELD, STEPS, step_key_of
+
+
+def new_doc(code: str, client_id: int) -> Doc:
+    doc: Doc = Doc(client_id=client_id, guid=code)
+    for name in (FIELDS, STEPS, DOCUMENTS, FEES):
+        doc.get(name, type=Map)
+    return doc
+
+
+def load_doc(code: str, state: bytes, client_id: int) -> Doc:
+    """A Doc from its encoded state, writing under ``client_id`` from here on."""
+    doc = new_doc(code, client_id)
+    doc.apply_update(state)
+    return doc
+
+
+def change(doc: Doc, fn: Callable[[Doc], None]) -> bytes:
+    """Run ``fn`` in one Y transaction and return the update it produced (empty update if none)."""
+    before = doc.get_state()
+    with doc.transaction():
+        fn(doc)
+    return doc.get_update(before)
+
+
+def fields_map(doc: Doc) -> Map[Any]:
+    return doc.get(FIELDS, type=Map)
+
+
+def steps_map(doc: Doc) -> Map[Any]:
+    return doc.get(STEPS, type=Map)
+
+
+def put_fields(doc: Doc, values: Mapping[str, Any]) -> None:
+    fields = fields_map(doc)
+    for name, value in values.items():
+        if value is not None and fields.get(name) != value:
+            fields[name] = value
+
+
+def add_step(doc: Doc, step: Mapping[str, Any], stamp: str) -> str:
+    """Add a step under its natural key; a step already present is left as it is."""
+    key = step_key_of(step)
+    steps = steps_map(doc)
+    if key not in steps:
+        steps[key] = {**step, HLC_FIELD: stamp}
+    return key
+
+
+def add_document(doc: Doc, document: Mapping[str, Any]) -> str:
+    key = str(document["TepDinhKemId"])
+    docs = doc.get(DOCUMENTS, type=Map)
+    if key not in docs:
+        docs[key] = dict(document)
+    return key
+
+
+def add_fee(doc: Doc, fee: Mapping[str, Any]) -> str:
+    key = str(fee["MaPhiLePhi"])
+    fees = doc.get(FEES, type=Map)
+    if key not in fees:
+        fees[key] = dict(fee)
+    return key
+
+
+def get_fee(doc: Doc, key: str) -> Any:
+    return doc.get(FEES, type=Map).get(key)

@@ -1,0 +1,129 @@
+"""The dossier Doc's record in DVCQG shape, and its digest.
+
+Imported by the node and by both upstream stand-ins: equal digests on node, portal and city system is
+what "converged" means, so everything here must be deterministic and independent of replica or order of
+arrival.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pycrdt import Doc, Map
+
+from node.domain.status import derive_status
+
+FIELDS, STEPS, DOCUMENTS, FEES = "fields", "steps", "documents", "fees"
+
+# The DVCQG processing-step fields (QuaTrinhXuLy); anything else on a step value is ours (the HLC stamp).
+STEP_RECORD_FIELDS = (
+    "MaHoSo",
+    "NguoiXuLy",
+    "ChucDanh",
+    "ThoiDiemXuLy",
+    "PhongBanXuLy",
+    "NoiDungXuLy",
+    "TrangThai",
+    "NgayBatDau",
+    "NgayKetThucTheoQuyDinh",
+)
+HLC_FIELD = "hlc"
+DIGEST_VERSION = 1
+
+
+def step_key(code: str, at: str, status: int, officer: str, content: str | None) -> str:
+    """Natural key of a step: the same step from any path lands on the same key."""
+    raw = json.dumps([code, at, int(status), officer, content or ""], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+
+def step_key_of(step: Mapping[str, Any]) -> str:
+    return step_key(
+        str(step["MaHoSo"]),
+        str(step["ThoiDiemXuLy"]),
+        int(step["TrangThai"]),
+        str(step["NguoiXuLy"]),
+        step.get("NoiDungXuLy"),
+    )
+
+
+def normalise(value: Any) -> Any:
+    """Y numbers read back as floats: integral floats become ints, recursively."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: normalise(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [normalise(v) for v in value]
+    return value
+
+
+def _ordered_steps(steps: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    # Merged order is (HLC, key): every replica sorts the same set the same way.
+    items = [(k, normalise(v)) for k, v in steps.items()]
+    items.sort(key=lambda kv: (str(kv[1].get(HLC_FIELD, "")), kv[0]))
+    return items
+
+
+def materialise(doc: Doc) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The DVCQG-shaped record of a Doc and the steps skipped as illegal in the merged order."""
+    fields = normalise(doc.get(FIELDS, type=Map).to_py() or {})
+    steps = _ordered_steps(doc.get(STEPS, type=Map).to_py() or {})
+    documents = normalise(doc.get(DOCUMENTS, type=Map).to_py() or {})
+    fees = normalise(doc.get(FEES, type=Map).to_py() or {})
+    return build_record(fields, steps, documents, fees)
+
+
+def build_record(
+    fields: Mapping[str, Any],
+    ordered_steps: list[tuple[str, dict[str, Any]]],
+    documents: Mapping[str, Any],
+    fees: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    status, skipped = derive_status(int(s["TrangThai"]) for _, s in ordered_steps)
+    skipped_set = set(skipped)
+    record: dict[str, Any] = dict(fields)
+    record["TrangThaiHoSo"] = status
+    applied = [s for i, (_, s) in enumerate(ordered_steps) if i not in skipped_set]
+    # The dates the portal reports for the end of processing and the return of the result follow from
+    # the steps, so they are derived like the status and never edited directly.
+    for s in applied:
+        if s["TrangThai"] == 9:
+            record["NgayKetThucXuLy"] = s["ThoiDiemXuLy"]
+        elif s["TrangThai"] == 10:
+            record["NgayTra"] = s["ThoiDiemXuLy"]
+    record["QuaTrinhXuLy"] = [{k: s[k] for k in STEP_RECORD_FIELDS if k in s} for _, s in ordered_steps]
+    record["TaiLieuNop"] = [documents[k] for k in sorted(documents)]
+    record["DanhSachLePhi"] = [fees[k] for k in sorted(fees)]
+    conflicts = [
+        {
+            "kind": "illegal_transition",
+            "step": ordered_steps[i][0],
+            "TrangThai": ordered_steps[i][1]["TrangThai"],
+            "hlc": ordered_steps[i][1].get(HLC_FIELD),
+        }
+        for i in skipped
+    ]
+    return record, conflicts
+
+
+def record_from_doc(doc: Doc) -> dict[str, Any]:
+    """The DVCQG-shaped record: fields, boundary-free fields, derived status, steps, documents, fees."""
+    return materialise(doc)[0]
+
+
+def canonical_json(record: Mapping[str, Any]) -> bytes:
+    """``{"v": 1, ...}``, sorted keys, UTF-8, no spaces, numbers normalised, steps sorted by step key."""
+    body: dict[str, Any] = normalise(dict(record))
+    steps: Iterable[Mapping[str, Any]] = body.get("QuaTrinhXuLy") or []
+    body["QuaTrinhXuLy"] = sorted(steps, key=step_key_of)
+    body["v"] = DIGEST_VERSION
+    return json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def digest(record: Mapping[str, Any]) -> str:
+    """sha256 of the record's canonical JSON."""
+    return hashlib.sha256(canonical_json(record)).hexdigest()
