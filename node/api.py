@@ -1,0 +1,278 @@
+"""The node's HTTP API: JSON in DVCQG field names, one error envelope."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from node.domain.validation import validate_fee, validate_intake, validate_step
+from node.errors import ApiError, validation_error
+from node.openapi import openapi_document
+from node.service import DossierService, IdemKey, Result, request_hash
+from node.store import Store, StoreError
+
+log = structlog.get_logger()
+
+SERVICE: web.AppKey[DossierService] = web.AppKey("service", DossierService)
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+UNIT: web.AppKey[str] = web.AppKey("unit", str)
+READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready", Callable[[], bool])  # type: ignore[arg-type]  # AppKey accepts any type object at runtime
+
+MAX_JSON_DEPTH = 16
+MAX_PAGE = 500
+DEFAULT_PAGE = 100
+_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+_JSON = "application/json"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    return web.Response(status=status, text=text, content_type=_JSON)
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.Response(status=err.status, body=err.body(), content_type=_JSON)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as the one JSON envelope; bad input never becomes a 500."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except StoreError as err:
+        status, code = (507, "insufficient_storage") if err.disk_full else (503, "store_unavailable")
+        log.error("store_error", error=str(err), path=request.path)
+        return error_response(ApiError(status, code, str(err)))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.reason
+        if exc.status == 413:
+            message = f"the request body is larger than the {request.app._client_max_size} bytes accepted"
+        elif exc.status == 404:
+            message = f"no route for {request.method} {request.path}"
+        elif exc.status == 405:
+            message = f"{request.method} is not allowed on {request.path}"
+        return error_response(ApiError(exc.status, code, message))
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_type != _JSON:
+        raise ApiError(415, "unsupported_media_type", f"send the body as {_JSON}, not {request.content_type!r}")
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "malformed_json", "the body is not valid UTF-8") from exc
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "malformed_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels") from exc
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise ApiError(400, "malformed_json", f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+    return body
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level)
+    return level
+
+
+def idempotency(request: web.Request, scope: str, body: object) -> IdemKey | None:
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not _IDEM_KEY.match(key):
+        raise ApiError(
+            400,
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 200 printable ASCII characters without spaces",
+            fields={"Idempotency-Key": "1 to 200 printable ASCII characters"},
+        )
+    return IdemKey(scope, key, request_hash(body))
+
+
+def _reply(result: Result) -> web.Response:
+    return web.Response(status=result.status, text=result.body, content_type=_JSON)
+
+
+async def create_dossier(request: web.Request) -> web.Response:
+    body = await read_json(request)
+    clean, errors = validate_intake(body, own_unit=request.app[UNIT])
+    if errors:
+        raise validation_error(errors)
+    idem = idempotency(request, "POST /api/v1/dossiers", body)
+    return _reply(await request.app[SERVICE].intake(clean, idem))
+
+
+async def add_step(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    body = await read_json(request)
+    clean, errors = validate_step(body)
+    if errors:
+        raise validation_error(errors)
+    idem = idempotency(request, f"POST /api/v1/dossiers/{code}/steps", body)
+    return _reply(await request.app[SERVICE].add_step(code, clean, idem))
+
+
+async def add_fee(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    body = await read_json(request)
+    clean, errors = validate_fee(body)
+    if errors:
+        raise validation_error(errors)
+    idem = idempotency(request, f"POST /api/v1/dossiers/{code}/fees", body)
+    return _reply(await request.app[SERVICE].add_fee(code, clean, idem))
+
+
+async def get_dossier(request: web.Request) -> web.Response:
+    code = request.match_info["code"]
+    row = await request.app[STORE].fetchone("SELECT record, digest, conflicts FROM dossiers WHERE code = ?", (code,))
+    if row is None:
+        raise ApiError(404, "not_found", f"no dossier with code {code!r}")
+    record, digest, conflicts = row
+    tail = f',"conflicts":{conflicts}' if conflicts and conflicts != "[]" else ""
+    return json_response(f'{record[:-1]},"digest":"{digest}"{tail}}}')
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not re.fullmatch(r"-?\d{1,18}", raw) or not lo <= int(raw) <= hi:
+        raise ApiError(400, "invalid_parameter", f"{name} must be an integer from {lo} to {hi}",
+                       fields={name: f"an integer from {lo} to {hi}"})
+    return int(raw)
+
+
+def _encode_cursor(row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"id:{row_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    if not text.startswith("id:") or not text[3:].isdigit():
+        raise ApiError(400, "invalid_parameter", "cursor is not one this node issued",
+                       fields={"cursor": "pass back next_cursor from the previous page unchanged"})
+    return int(text[3:])
+
+
+def _parse_since(raw: str) -> str:
+    """``updated_since`` as ISO 8601 (offset required or UTC assumed) or DVCQG ``yyyyMMddHHmmss``."""
+    from node.clock import TZ, iso
+
+    try:
+        if re.fullmatch(r"\d{14}", raw):
+            dt = datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=TZ)
+        else:
+            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise ApiError(400, "invalid_parameter", "updated_since must be ISO 8601 or yyyyMMddHHmmss",
+                       fields={"updated_since": "ISO 8601 (e.g. 2026-11-22T08:00:00+07:00) or yyyyMMddHHmmss"}) from exc
+    return iso(dt)
+
+
+_LIST_PARAMS = {"status", "competent_unit", "updated_since", "limit", "cursor"}
+
+
+async def list_dossiers(request: web.Request) -> web.Response:
+    unknown = set(request.query) - _LIST_PARAMS
+    if unknown:
+        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}",
+                       fields={u: "unknown parameter" for u in unknown})
+    where, params = ["1 = 1"], []
+    if "status" in request.query:
+        where.append("status = ?")
+        params.append(_int_param(request, "status", 0, 1, 10))
+    if unit := request.query.get("competent_unit"):
+        if not re.fullmatch(r"\d{5}", unit):
+            raise ApiError(400, "invalid_parameter", "competent_unit must be a 5-digit unit code",
+                           fields={"competent_unit": "a 5-digit unit code"})
+        where.append("competent_unit = ?")
+        params.append(unit)
+    if since := request.query.get("updated_since"):
+        where.append("updated_at >= ?")
+        params.append(_parse_since(since))
+    if cursor := request.query.get("cursor"):
+        where.append("id > ?")
+        params.append(_decode_cursor(cursor))
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    rows = await request.app[STORE].fetchall(
+        f"SELECT id, record, digest FROM dossiers WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+        [*params, limit + 1],
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = ",".join(f'{r[1][:-1]},"digest":"{r[2]}"}}' for r in rows)
+    nxt = json.dumps(_encode_cursor(rows[-1][0]) if more and rows else None)
+    return json_response(f'{{"items":[{items}],"next_cursor":{nxt}}}')
+
+
+async def changes(request: web.Request) -> web.Response:
+    since = _int_param(request, "since", 0, 0, 2**62)
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE * 2)
+    rows = await request.app[STORE].fetchall(
+        "SELECT code, change_seq, status, digest, updated_at FROM dossiers WHERE change_seq > ?"
+        " ORDER BY change_seq LIMIT ?",
+        (since, limit),
+    )
+    items = [{"code": r[0], "seq": r[1], "status": r[2], "digest": r[3], "updated_at": r[4]} for r in rows]
+    return json_response({"items": items, "next": rows[-1][1] if rows else since})
+
+
+async def livez(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if not request.app[READY]():
+        raise ApiError(503, "not_ready", "the node is starting or stopping")
+    return json_response({"status": "ready", "unit": request.app[UNIT]})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document())
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/api/v1/dossiers", create_dossier)
+    app.router.add_get("/api/v1/dossiers", list_dossiers)
+    app.router.add_get("/api/v1/dossiers/{code}", get_dossier)
+    app.router.add_post("/api/v1/dossiers/{code}/steps", add_step)
+    app.router.add_post("/api/v1/dossiers/{code}/fees", add_fee)
+    app.router.add_get("/api/v1/changes", changes)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/openapi.json", openapi)

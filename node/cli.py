@@ -1,0 +1,99 @@
+"""The ``wardsync`` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from node import __version__
+from node.config import ConfigError, load_config, render_config, split_listen
+from node.registry import get_unit, is_agency_code
+
+EXIT_CONFIG = 2
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    problems = []
+    if get_unit(args.unit) is None:
+        problems.append(f"--unit: {args.unit!r} is not one of Ho Chi Minh City's 168 commune-level units")
+    if not is_agency_code(args.agency_code):
+        problems.append(f"--agency-code: {args.agency_code!r} is not an agency code (e.g. 000.00.17.H29)")
+    if problems:
+        print("wardsync init: " + "; ".join(problems), file=sys.stderr)
+        return EXIT_CONFIG
+    text = render_config(unit=args.unit, agency_code=args.agency_code, listen=args.listen, data_dir=args.data_dir)
+    if args.out in (None, "-"):
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"wardsync init: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    out.write_text(text, encoding="utf-8")
+    os.chmod(out, 0o640)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from node.app import serve
+    from node.logs import configure
+
+    overrides = {"node": {"listen": args.listen, "data_dir": args.data_dir}}
+    try:
+        if args.listen:
+            split_listen(args.listen)
+        config = load_config(args.config, overrides=overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"wardsync serve: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure(config.log.level, config.log.format)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop=stop, announce=lambda m: print(m, flush=True))
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"wardsync serve: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wardsync", description="Offline-first dossier sync node for one unit.")
+    parser.add_argument("--version", action="version", version=f"wardsync {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="write a commented configuration file")
+    p.add_argument("--unit", required=True, help="5-digit statistical code of the unit (e.g. 26734)")
+    p.add_argument("--agency-code", required=True, help="electronic agency code (mã định danh)")
+    p.add_argument("--out", help="file to write (default: standard output)")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the HTTP API")
+    p.add_argument("--data-dir", default="./data", help="directory for the store")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("serve", help="run the node daemon")
+    p.add_argument("--config", required=True, help="TOML configuration file")
+    p.add_argument("--listen", help="HOST:PORT, overrides the file")
+    p.add_argument("--data-dir", help="store directory, overrides the file")
+    p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""Node configuration: a TOML file plus ``WARDSYNC_{SECTION}_{KEY}`` environment overrides.
+
+Read once into frozen dataclasses and validated once, with every problem listed in one error.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from node.registry import get_unit, is_agency_code
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_MAX_BODY = 256 * 1024
+ENV_PREFIX = "WARDSYNC_"
+
+
+class ConfigError(Exception):
+    """An invalid configuration; ``problems`` lists every one found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class NodeSection:
+    unit: str = ""
+    agency_code: str = ""
+    listen: str = DEFAULT_LISTEN
+    data_dir: str = DEFAULT_DATA_DIR
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    shutdown_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LogSection:
+    level: str = "info"
+    format: str = "auto"  # auto: console on a terminal, JSON otherwise
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSection = field(default_factory=NodeSection)
+    log: LogSection = field(default_factory=LogSection)
+    source: str = "<defaults>"
+
+    @property
+    def listen_host(self) -> str:
+        return split_listen(self.node.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_listen(self.node.listen)[1]
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.node.data_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_path / "wardsync.sqlite3"
+
+
+_SECTIONS: dict[str, type[Any]] = {"node": NodeSection, "log": LogSection}
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _coerce(value: Any, target: type[Any], where: str, problems: list[str]) -> Any:
+    if target is int:
+        if isinstance(value, bool):
+            problems.append(f"{where}: must be an integer")
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            problems.append(f"{where}: must be an integer, got {value!r}")
+            return None
+    if target is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            problems.append(f"{where}: must be a number, got {value!r}")
+            return None
+    if not isinstance(value, str):
+        problems.append(f"{where}: must be a string, got {value!r}")
+        return None
+    return value
+
+
+def _types(cls: type[Any]) -> dict[str, type[Any]]:
+    defaults = cls()
+    return {f.name: type(getattr(defaults, f.name)) for f in fields(cls)}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Read, merge (file < environment < explicit overrides) and validate a configuration."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: file not found (create one with `wardsync init`)"]) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        types = _types(cls)
+        given = raw.get(name, {})
+        if not isinstance(given, dict):
+            problems.append(f"[{name}]: must be a table")
+            given = {}
+        values: dict[str, Any] = {}
+        for key, value in given.items():
+            if key not in types:
+                problems.append(f"[{name}] {key}: unknown setting (known: {', '.join(sorted(types))})")
+                continue
+            values[key] = _coerce(value, types[key], f"[{name}] {key}", problems)
+        for key, typ in types.items():
+            env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+            if env_name in env:
+                values[key] = _coerce(env[env_name], typ, env_name, problems)
+        for key, value in (overrides or {}).get(name, {}).items():
+            if value is not None:
+                values[key] = _coerce(value, types[key], f"--{key.replace('_', '-')}", problems)
+        sections[name] = replace(cls(), **{k: v for k, v in values.items() if v is not None})
+    for name in raw:
+        if name not in _SECTIONS and name != "targets":
+            problems.append(f"[{name}]: unknown section (known: {', '.join(_SECTIONS)})")
+
+    config = Config(node=sections["node"], log=sections["log"], source=source)
+    problems.extend(validate(config))
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def validate(config: Config) -> list[str]:
+    """Every problem with a configuration, as one line each."""
+    problems: list[str] = []
+    node = config.node
+    if not node.unit:
+        problems.append("[node] unit: required: the 5-digit statistical code of this unit (e.g. 26734)")
+    elif get_unit(node.unit) is None:
+        problems.append(f"[node] unit: {node.unit!r} is not one of Ho Chi Minh City's 168 commune-level units")
+    if not node.agency_code:
+        problems.append("[node] agency_code: required: the unit's electronic agency code (e.g. 000.00.17.H29)")
+    elif not is_agency_code(node.agency_code):
+        problems.append(
+            f"[node] agency_code: {node.agency_code!r} is not an agency code "
+            "(digits, capital letters and dots, at most 35 characters)"
+        )
+    try:
+        _, port = split_listen(node.listen)
+        if not 0 <= port <= 65535:
+            problems.append(f"[node] listen: port {port} out of range")
+    except ValueError as exc:
+        problems.append(f"[node] listen: {exc}")
+    if not node.data_dir:
+        problems.append("[node] data_dir: must not be empty")
+    if not 1024 <= node.max_body_bytes <= 64 * 1024 * 1024:
+        problems.append("[node] max_body_bytes: must be between 1024 and 67108864")
+    if node.shutdown_timeout_s <= 0:
+        problems.append("[node] shutdown_timeout_s: must be positive")
+    if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
+        problems.append(f"[log] level: {config.log.level!r} is not one of debug, info, warning, error")
+    if config.log.format not in {"auto", "json", "console"}:
+        problems.append(f"[log] format: {config.log.format!r} is not one of auto, json, console")
+    return problems
+
+
+def render_config(*, unit: str, agency_code: str, listen: str = DEFAULT_LISTEN, data_dir: str = DEFAULT_DATA_DIR) -> str:
+    """A commented configuration file for ``wardsync init``."""
+    u = get_unit(unit)
+    name = u.name if u else "?"
+    return f"""\
+# wardsync node configuration.
+# Every setting can be overridden by an environment variable WARDSYNC_<SECTION>_<KEY>,
+# for example WARDSYNC_NODE_LISTEN=0.0.0.0:8080.
+
+[node]
+# 5-digit statistical code of this commune-level unit (official registry, province 79): {name}
+unit = "{unit}"
+# Electronic agency code (mã định danh, Decision 20/2020/QĐ-TTg); prefix of every dossier code minted here.
+agency_code = "{agency_code}"
+# Address the HTTP API listens on (HOST:PORT).
+listen = "{listen}"
+# Where the SQLite store lives. Keep it on a local disk with room to grow.
+data_dir = "{data_dir}"
+# Largest request body accepted, in bytes.
+max_body_bytes = {DEFAULT_MAX_BODY}
+# On SIGTERM, how long in-flight requests may take to finish, in seconds.
+shutdown_timeout_s = 30.0
+
+[log]
+# debug, info, warning or error.
+level = "info"
+# auto (console on a terminal, JSON otherwise), json or console.
+format = "auto"
+"""

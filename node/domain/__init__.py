@@ -1,0 +1,1 @@
+"""Dossier domain rules: status machine and request validation."""

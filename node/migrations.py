@@ -1,0 +1,69 @@
+"""Versioned, forward-only schema migrations.
+
+``PRAGMA user_version`` holds the version a store is at. Each entry runs once, in order, inside the
+transaction that bumps the version. Never edit a released migration: add a new one.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        ) WITHOUT ROWID;
+
+        CREATE TABLE dossiers (
+            id             INTEGER PRIMARY KEY,
+            code           TEXT NOT NULL UNIQUE,
+            receiving_unit TEXT NOT NULL,
+            competent_unit TEXT NOT NULL,
+            status         INTEGER,
+            state          BLOB NOT NULL,
+            record         TEXT NOT NULL,
+            digest         TEXT NOT NULL,
+            conflicts      TEXT NOT NULL DEFAULT '[]',
+            created_at     TEXT NOT NULL,
+            updated_at     TEXT NOT NULL,
+            change_seq     INTEGER NOT NULL
+        );
+        CREATE INDEX dossiers_status ON dossiers (status, id);
+        CREATE INDEX dossiers_competent ON dossiers (competent_unit, id);
+        CREATE INDEX dossiers_change ON dossiers (change_seq);
+
+        CREATE TABLE journal (
+            seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+            code   TEXT NOT NULL,
+            "update" BLOB NOT NULL,
+            at     TEXT NOT NULL
+        );
+        CREATE INDEX journal_code ON journal (code, seq);
+
+        CREATE TABLE day_counters (
+            agency TEXT NOT NULL,
+            day    TEXT NOT NULL,
+            last   INTEGER NOT NULL,
+            PRIMARY KEY (agency, day)
+        ) WITHOUT ROWID;
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE idempotency (
+            scope        TEXT NOT NULL,
+            key          TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            status       INTEGER NOT NULL,
+            body         TEXT NOT NULL,
+            created_at   TEXT NOT NULL,
+            PRIMARY KEY (scope, key)
+        ) WITHOUT ROWID;
+        CREATE INDEX dossiers_updated ON dossiers (updated_at, id);
+        """,
+    ),
+)
+
+LATEST = MIGRATIONS[-1][0]

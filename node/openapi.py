@@ -1,0 +1,191 @@
+"""OpenAPI 3.1 description of the node's HTTP API, built once from the validators' field lists."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from node import __version__
+from node.domain.validation import (
+    DOCUMENT_FIELDS,
+    DOCUMENT_REQUIRED,
+    FEE_FIELDS,
+    FEE_REQUIRED,
+    INTAKE_FIELDS,
+    INTAKE_REQUIRED,
+    STEP_FIELDS,
+    STEP_REQUIRED,
+)
+
+_DT = {"type": "string", "pattern": "^[0-9]{14}$", "description": "yyyyMMddHHmmss, Asia/Ho_Chi_Minh"}
+_INT_FIELDS = {"KenhThucHien", "LoaiDoiTuong", "HinhThuc", "TrangThai", "DuocSoHoa", "HinhThucThu", "Gia",
+               "LoaiPhiLePhi", "TrangThaiHoSo", "TrangThaiPhiDiaGioi"}
+_DT_FIELDS = {"NgayHenTra", "NgayTiepNhan", "NgayTra", "NgayKetThucXuLy", "ThoiDiemXuLy", "NgayBatDau",
+              "NgayKetThucTheoQuyDinh"}
+
+
+def _props(names: frozenset[str], nested: dict[str, Any] | None = None) -> dict[str, Any]:
+    props: dict[str, Any] = {}
+    for name in sorted(names):
+        if nested and name in nested:
+            props[name] = nested[name]
+        elif name in _INT_FIELDS:
+            props[name] = {"type": "integer"}
+        elif name in _DT_FIELDS:
+            props[name] = dict(_DT)
+        else:
+            props[name] = {"type": "string"}
+    return props
+
+
+def _obj(names: frozenset[str], required: frozenset[str], nested: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"type": "object", "additionalProperties": False, "required": sorted(required),
+            "properties": _props(names, nested)}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON, bad query parameter or Idempotency-Key",
+        404: "No such dossier",
+        409: "Illegal status transition (`error.allowed` lists the allowed next statuses) or conflicting fee",
+        413: "Body larger than the configured limit",
+        415: "Body is not application/json",
+        422: "Validation failed (`error.fields` maps each invalid field to what is wrong) or Idempotency-Key "
+             "reused with a different body",
+        503: "Store unavailable or node not ready",
+        507: "The disk holding the store is full; nothing was written",
+    }
+    return {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
+
+
+_IDEM = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
+         "description": "A retry with the same key and body returns the first response; another body gets a 422."}
+_CODE = {"name": "code", "in": "path", "required": True, "schema": {"type": "string"},
+         "description": "Dossier code {agency}-{YYMMDD}-{NNNN}"}
+
+
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    step = _obj(STEP_FIELDS, STEP_REQUIRED)
+    fee = _obj(FEE_FIELDS, FEE_REQUIRED)
+    document = _obj(DOCUMENT_FIELDS, DOCUMENT_REQUIRED)
+    intake = _obj(INTAKE_FIELDS, INTAKE_REQUIRED, {
+        "TaiLieuNop": {"type": "array", "items": _ref("Document")},
+        "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
+    })
+    dossier = {
+        "type": "object",
+        "description": "The dossier's DVCQG-shaped record plus its digest.",
+        "required": ["MaHoSo", "NgayTiepNhan", "TrangThaiHoSo", "digest"],
+        "properties": {
+            **_props(INTAKE_FIELDS - {"TaiLieuNop", "DanhSachLePhi", "NguoiTiepNhan"}),
+            "MaHoSo": {"type": "string"},
+            "NgayTiepNhan": dict(_DT),
+            "NgayTra": dict(_DT),
+            "NgayKetThucXuLy": dict(_DT),
+            "TrangThaiHoSo": {"type": ["integer", "null"], "minimum": 1, "maximum": 10},
+            "MaDonViTiepNhan": {"type": "string", "pattern": "^[0-9]{5}$"},
+            "TrangThaiPhiDiaGioi": {"type": "integer", "enum": [1, 2, 3, 4]},
+            "QuaTrinhXuLy": {"type": "array", "items": {"type": "object"}},
+            "TaiLieuNop": {"type": "array", "items": _ref("Document")},
+            "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
+            "digest": {"type": "string", "description": "sha256 of the record's canonical JSON"},
+            "conflicts": {"type": "array", "items": {"type": "object"},
+                          "description": "Steps skipped as illegal in the merged order"},
+        },
+    }
+    error = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"type": "object", "required": ["code", "message", "fields"], "properties": {
+            "code": {"type": "string"}, "message": {"type": "string"},
+            "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+            "current": {"type": ["integer", "null"]},
+            "allowed": {"type": "array", "items": {"type": "integer"}},
+        }}},
+    }
+    change = {"type": "object", "properties": {
+        "code": {"type": "string"}, "seq": {"type": "integer"}, "status": {"type": ["integer", "null"]},
+        "digest": {"type": "string"}, "updated_at": {"type": "string", "format": "date-time"}}}
+    q = "query"
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "wardsync node API", "version": __version__,
+                 "description": "Offline-first intake of administrative-procedure dossiers at one unit."},
+        "paths": {
+            "/api/v1/dossiers": {
+                "post": {
+                    "summary": "Accept a dossier at the desk (201 only after it is durably stored)",
+                    "parameters": [_IDEM],
+                    "requestBody": {"required": True, **_json(_ref("Intake"))},
+                    "responses": {"201": {"description": "Accepted", **_json(_ref("Dossier"))},
+                                  **_errors(400, 413, 415, 422, 503, 507)},
+                },
+                "get": {
+                    "summary": "List dossiers, oldest first, with cursor pagination",
+                    "parameters": [
+                        {"name": "status", "in": q, "schema": {"type": "integer", "minimum": 1, "maximum": 10}},
+                        {"name": "competent_unit", "in": q, "schema": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                        {"name": "updated_since", "in": q, "schema": {"type": "string"},
+                         "description": "ISO 8601 or yyyyMMddHHmmss"},
+                        {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                        {"name": "cursor", "in": q, "schema": {"type": "string"}},
+                    ],
+                    "responses": {"200": {"description": "A page", **_json({"type": "object", "properties": {
+                        "items": {"type": "array", "items": _ref("Dossier")},
+                        "next_cursor": {"type": ["string", "null"]}}})}, **_errors(400)},
+                },
+            },
+            "/api/v1/dossiers/{code}": {
+                "get": {"summary": "One dossier", "parameters": [_CODE],
+                        "responses": {"200": {"description": "The dossier", **_json(_ref("Dossier"))},
+                                      **_errors(404)}},
+            },
+            "/api/v1/dossiers/{code}/steps": {
+                "post": {
+                    "summary": "Append a processing step (QuaTrinhXuLy); the status follows the status machine",
+                    "parameters": [_CODE, _IDEM],
+                    "requestBody": {"required": True, **_json(_ref("Step"))},
+                    "responses": {"201": {"description": "Step added", **_json(_ref("Dossier"))},
+                                  "200": {"description": "The same step was already recorded",
+                                          **_json(_ref("Dossier"))},
+                                  **_errors(400, 404, 409, 413, 415, 422, 503, 507)},
+                },
+            },
+            "/api/v1/dossiers/{code}/fees": {
+                "post": {
+                    "summary": "Record a fee (DanhSachLePhi); fees are append-only",
+                    "parameters": [_CODE, _IDEM],
+                    "requestBody": {"required": True, **_json(_ref("Fee"))},
+                    "responses": {"201": {"description": "Fee added", **_json(_ref("Dossier"))},
+                                  "200": {"description": "The same fee was already recorded",
+                                          **_json(_ref("Dossier"))},
+                                  **_errors(400, 404, 409, 413, 415, 422, 503, 507)},
+                },
+            },
+            "/api/v1/changes": {
+                "get": {
+                    "summary": "Dossiers changed after a local sequence number, in sequence order",
+                    "parameters": [{"name": "since", "in": q, "schema": {"type": "integer", "minimum": 0}},
+                                   {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1}}],
+                    "responses": {"200": {"description": "Changes", **_json({"type": "object", "properties": {
+                        "items": {"type": "array", "items": _ref("Change")}, "next": {"type": "integer"}}})},
+                        **_errors(400)},
+                },
+            },
+            "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
+            "/readyz": {"get": {"summary": "The node accepts dossiers",
+                                "responses": {"200": {"description": "ready"}, **_errors(503)}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+        },
+        "components": {"schemas": {"Intake": intake, "Step": step, "Fee": fee, "Document": document,
+                                   "Dossier": dossier, "Error": error, "Change": change}},
+    }

@@ -1,0 +1,427 @@
+"""Dossier writes: intake, steps and fees, committed through one group-commit writer.
+
+Every committed change writes the dossier row (Doc state, materialised record, digest), the Y update in
+the journal, the day counter and the idempotency record in one SQLite transaction. In-memory state that
+mirrors the store (day counters, journal head, HLC, cached Docs) is only trusted after a commit: when a
+transaction fails it is reloaded or dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from pycrdt import Doc
+
+from node.clock import Clock, dvcqg, iso, local
+from node.domain.status import allowed_next, is_legal
+from node.errors import ApiError
+from node.store import GroupCommit, Store
+from sync import doc as ydoc
+from sync.hlc import HLC, Stamp
+from sync.record import digest as _digest
+from sync.record import materialise, normalise, step_key_of
+
+log = structlog.get_logger()
+
+DEFAULT_OFFICER = "Bộ phận Một cửa"
+DEFAULT_DEPARTMENT = "Bộ phận Tiếp nhận và Trả kết quả"
+INTAKE_NOTE = "Tiếp nhận hồ sơ"
+DOC_CACHE_SIZE = 512
+_MAX_CLIENT_ID = 2**53 - 1
+
+
+@dataclass(frozen=True)
+class IdemKey:
+    scope: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    body: str
+
+
+@dataclass
+class Intake:
+    clean: dict[str, Any]
+    idem: IdemKey | None = None
+
+
+@dataclass
+class AddStep:
+    code: str
+    clean: dict[str, Any]
+    idem: IdemKey | None = None
+
+
+@dataclass
+class AddFee:
+    code: str
+    clean: dict[str, Any]
+    idem: IdemKey | None = None
+
+
+Op = Intake | AddStep | AddFee
+
+
+@dataclass
+class _Entry:
+    doc: Doc
+    record: dict[str, Any]
+
+
+@dataclass
+class _Batch:
+    inserts: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    updates: dict[str, tuple[Any, ...]] = field(default_factory=dict)
+    journal: list[tuple[int, str, bytes, str]] = field(default_factory=list)
+    idem: list[tuple[str, str, str, int, str, str]] = field(default_factory=list)
+    touched: set[str] = field(default_factory=set)
+
+
+def request_hash(body: object) -> str:
+    raw = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def response_body(record_json: str, digest: str, **extra: Any) -> str:
+    # The stored record is already JSON: splice the digest in rather than decode and re-encode it.
+    tail = "".join(f",{json.dumps(k)}:{json.dumps(v, ensure_ascii=False)}" for k, v in extra.items())
+    return f'{record_json[:-1]},"digest":"{digest}"{tail}}}'
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class DossierService:
+    """Writes dossiers; one instance per node, owning the store's writer connection."""
+
+    def __init__(self, store: Store, *, unit: str, agency: str, clock: Clock, max_batch: int = 512) -> None:
+        self.store = store
+        self.unit = unit
+        self.agency = agency
+        self.clock = clock
+        self.client_id = 0
+        self.hlc = HLC(physical=clock.ms)
+        self.writer: GroupCommit[Op, Result] = GroupCommit(self._process, max_batch=max_batch)
+        self._counters: dict[tuple[str, str], int] = {}
+        self._journal_head = 0
+        self._cache: OrderedDict[str, _Entry] = OrderedDict()
+
+    # -- start-up -----------------------------------------------------------------------------------
+    async def load(self) -> None:
+        """Read the node identity, HLC and journal head; mint a client id on a new store."""
+        cid = await self.store.get_meta("client_id")
+        if cid is None:
+            # 53 bits: a Y client id must survive a round trip through a JavaScript number.
+            new_id = secrets.randbelow(_MAX_CLIENT_ID - 1) + 1
+            async with self.store.transaction() as conn:
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('client_id', ?)", (str(new_id),))
+            cid = str(new_id)
+        self.client_id = int(cid)
+        await self._reload()
+
+    async def _reload(self) -> None:
+        hlc = await self.store.get_meta("hlc")
+        self.hlc.reset(Stamp.decode(hlc) if hlc else Stamp(0, 0))
+        async with self.store.writer.execute(
+            "SELECT max(coalesce((SELECT max(seq) FROM journal), 0),"
+            " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0))"
+        ) as cur:
+            row = await cur.fetchone()
+        self._journal_head = int(row[0]) if row else 0
+        self._counters.clear()
+
+    @property
+    def journal_head(self) -> int:
+        return self._journal_head
+
+    # -- public operations --------------------------------------------------------------------------
+    async def intake(self, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(Intake(clean, idem))
+
+    async def add_step(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(AddStep(code, clean, idem))
+
+    async def add_fee(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(AddFee(code, clean, idem))
+
+    # -- the batch ----------------------------------------------------------------------------------
+    async def _process(self, ops: list[Op]) -> list[Result | BaseException]:
+        results: list[Result | BaseException | None] = [None] * len(ops)
+        followers = await self._check_idempotency(ops, results)
+        now = self.clock.now()
+        day = local(now).strftime("%y%m%d")
+        await self._prepare(ops, results, day)
+
+        batch = _Batch()
+        saved = (dict(self._counters), self._journal_head, self.hlc.last)
+        for i, op in enumerate(ops):
+            if results[i] is not None:
+                continue
+            try:
+                results[i] = self._apply(op, batch, now, day)
+            except ApiError as exc:
+                results[i] = exc
+        if batch.journal or batch.idem:
+            try:
+                await self._commit(batch, day)
+            except BaseException:
+                # Nothing of this batch is in the store: forget what memory learned from it.
+                self._counters, self._journal_head = saved[0], saved[1]
+                self.hlc.reset(saved[2])
+                for code in batch.touched:
+                    self._cache.pop(code, None)
+                raise
+        for i, leader in followers.items():
+            results[i] = self._follow(ops[i], ops[leader], results[leader])
+        return [r if r is not None else ApiError(500, "internal", "no result") for r in results]
+
+    async def _check_idempotency(self, ops: list[Op], results: list[Result | BaseException | None]) -> dict[int, int]:
+        keyed = [(i, op.idem) for i, op in enumerate(ops) if op.idem is not None]
+        if not keyed:
+            return {}
+        marks = ",".join("(?, ?)" for _ in keyed)
+        params: list[str] = []
+        for _, k in keyed:
+            params += [k.scope, k.key]
+        async with self.store.writer.execute(
+            f"SELECT scope, key, request_hash, status, body FROM idempotency WHERE (scope, key) IN (VALUES {marks})",
+            params,
+        ) as cur:
+            stored = {(r[0], r[1]): (r[2], int(r[3]), str(r[4])) for r in await cur.fetchall()}
+        leaders: dict[tuple[str, str], int] = {}
+        followers: dict[int, int] = {}
+        for i, k in keyed:
+            prev = stored.get((k.scope, k.key))
+            if prev is not None:
+                results[i] = (
+                    Result(prev[1], prev[2]) if prev[0] == k.request_hash else _idem_mismatch(k)
+                )
+            elif (k.scope, k.key) in leaders:
+                followers[i] = leaders[(k.scope, k.key)]
+                results[i] = _PENDING
+            else:
+                leaders[(k.scope, k.key)] = i
+        return followers
+
+    def _follow(self, op: Op, leader: Op, leader_result: Result | BaseException | None) -> Result | BaseException:
+        assert op.idem is not None and leader.idem is not None
+        if op.idem.request_hash != leader.idem.request_hash:
+            return _idem_mismatch(op.idem)
+        return leader_result if leader_result is not None else ApiError(500, "internal", "no result")
+
+    async def _prepare(self, ops: list[Op], results: list[Result | BaseException | None], day: str) -> None:
+        """Load what the batch needs in at most two reads: the day counter and uncached Docs."""
+        if any(isinstance(op, Intake) and results[i] is None for i, op in enumerate(ops)):
+            key = (self.agency, day)
+            if key not in self._counters:
+                async with self.store.writer.execute(
+                    "SELECT last FROM day_counters WHERE agency = ? AND day = ?", key
+                ) as cur:
+                    row = await cur.fetchone()
+                self._counters[key] = int(row[0]) if row else 0
+        wanted = {
+            op.code
+            for i, op in enumerate(ops)
+            if not isinstance(op, Intake) and results[i] is None and op.code not in self._cache
+        }
+        if wanted:
+            marks = ",".join("?" for _ in wanted)
+            async with self.store.writer.execute(
+                f"SELECT code, state, record FROM dossiers WHERE code IN ({marks})", list(wanted)
+            ) as cur:
+                rows = await cur.fetchall()
+            for code, state, record in rows:
+                self._remember(code, _Entry(ydoc.load_doc(code, bytes(state), self.client_id), json.loads(record)))
+
+    def _remember(self, code: str, entry: _Entry) -> None:
+        self._cache[code] = entry
+        self._cache.move_to_end(code)
+        while len(self._cache) > DOC_CACHE_SIZE:
+            self._cache.popitem(last=False)
+
+    def _apply(self, op: Op, batch: _Batch, now: Any, day: str) -> Result:
+        if isinstance(op, Intake):
+            result = self._apply_intake(op, batch, now, day)
+        elif isinstance(op, AddStep):
+            result = self._apply_step(op, batch, now)
+        else:
+            result = self._apply_fee(op, batch, now)
+        if op.idem is not None and result.status < 300:
+            batch.idem.append((op.idem.scope, op.idem.key, op.idem.request_hash, result.status, result.body, iso(now)))
+        return result
+
+    def _mint(self, day: str) -> str:
+        key = (self.agency, day)
+        n = self._counters[key] + 1
+        self._counters[key] = n
+        # Four digits per Circular 01/2018; past 9,999 in a day the sequence simply grows a fifth digit.
+        return f"{self.agency}-{day}-{n:04d}"
+
+    def _apply_intake(self, op: Intake, batch: _Batch, now: Any, day: str) -> Result:
+        clean = dict(op.clean)
+        code = self._mint(day)
+        received = dvcqg(now)
+        documents = clean.pop("TaiLieuNop", None) or []
+        fees = clean.pop("DanhSachLePhi", None) or []
+        officer = clean.pop("NguoiTiepNhan", None) or DEFAULT_OFFICER
+        competent = clean.get("MaDonViXuLy") or self.unit
+        fields = {**clean, "MaHoSo": code, "NgayTiepNhan": received, "MaDonViTiepNhan": self.unit,
+                  "MaDonViXuLy": competent}
+        if competent != self.unit:
+            fields["TrangThaiPhiDiaGioi"] = 1  # received here, to be forwarded to the competent unit
+        step = {
+            "MaHoSo": code,
+            "NguoiXuLy": officer,
+            "ThoiDiemXuLy": received,
+            "PhongBanXuLy": DEFAULT_DEPARTMENT,
+            "NoiDungXuLy": INTAKE_NOTE,
+            "TrangThai": 2,
+        }
+        stamp = self.hlc.now().encode()
+        doc = ydoc.new_doc(code, self.client_id)
+
+        def write(d: Doc) -> None:
+            ydoc.put_fields(d, fields)
+            ydoc.add_step(d, step, stamp)
+            for item in documents:
+                ydoc.add_document(d, item)
+            for fee in fees:
+                ydoc.add_fee(d, fee)
+
+        update = ydoc.change(doc, write)
+        record, conflicts = materialise(doc)
+        record_json, digest = _dumps(record), _digest(record)
+        at = iso(now)
+        seq = self._next_seq()
+        batch.journal.append((seq, code, update, at))
+        # A new Doc's first update is its whole state.
+        batch.inserts[code] = (code, self.unit, competent, record["TrangThaiHoSo"], update, record_json, digest,
+                               _dumps(conflicts), at, at, seq)
+        batch.touched.add(code)
+        self._remember(code, _Entry(doc, record))
+        return Result(201, response_body(record_json, digest))
+
+    def _entry(self, code: str) -> _Entry:
+        entry = self._cache.get(code)
+        if entry is None:
+            raise ApiError(404, "not_found", f"no dossier with code {code!r}")
+        return entry
+
+    def _commit_change(self, code: str, entry: _Entry, update: bytes, batch: _Batch, now: Any) -> Result:
+        record, conflicts = materialise(entry.doc)
+        entry.record = record
+        record_json, digest = _dumps(record), _digest(record)
+        at = iso(now)
+        seq = self._next_seq()
+        batch.journal.append((seq, code, update, at))
+        row = (record["TrangThaiHoSo"], entry.doc.get_update(), record_json, digest, _dumps(conflicts), at, seq,
+               record.get("MaDonViXuLy") or self.unit)
+        if code in batch.inserts:
+            ins = batch.inserts[code]
+            batch.inserts[code] = (*ins[:3], row[0], row[1], row[2], row[3], row[4], ins[8], at, seq)
+        else:
+            batch.updates[code] = (*row, code)
+        batch.touched.add(code)
+        self._cache.move_to_end(code)
+        return Result(201, response_body(record_json, digest))
+
+    def _apply_step(self, op: AddStep, batch: _Batch, now: Any) -> Result:
+        entry = self._entry(op.code)
+        step = {**op.clean, "MaHoSo": op.code}
+        step.setdefault("ThoiDiemXuLy", dvcqg(now))
+        if step_key_of(step) in ydoc.steps_map(entry.doc):
+            return self._current(entry, 200)
+        current = entry.record.get("TrangThaiHoSo")
+        status = int(step["TrangThai"])
+        if not is_legal(current, status):
+            allowed = sorted(allowed_next(current))
+            raise ApiError(
+                409,
+                "illegal_transition",
+                f"a dossier in status {current} cannot move to status {status}"
+                + (f"; allowed next: {', '.join(map(str, allowed))}" if allowed else "; the status is final"),
+                fields={"TrangThai": f"must be one of {allowed}" if allowed else "the dossier's status is final"},
+                extra={"current": current, "allowed": allowed},
+            )
+        stamp = self.hlc.now().encode()
+        update = ydoc.change(entry.doc, lambda d: ydoc.add_step(d, step, stamp) and None)
+        return self._commit_change(op.code, entry, update, batch, now)
+
+    def _apply_fee(self, op: AddFee, batch: _Batch, now: Any) -> Result:
+        entry = self._entry(op.code)
+        existing = ydoc.get_fee(entry.doc, str(op.clean["MaPhiLePhi"]))
+        if existing is not None:
+            if normalise(existing) == op.clean:
+                return self._current(entry, 200)
+            raise ApiError(
+                409,
+                "fee_exists",
+                f"fee {op.clean['MaPhiLePhi']!r} is already recorded with different values; fees are append-only",
+                fields={"MaPhiLePhi": "already recorded on this dossier"},
+            )
+        update = ydoc.change(entry.doc, lambda d: ydoc.add_fee(d, op.clean) and None)
+        return self._commit_change(op.code, entry, update, batch, now)
+
+    def _current(self, entry: _Entry, status: int) -> Result:
+        return Result(status, response_body(_dumps(entry.record), _digest(entry.record)))
+
+    def _next_seq(self) -> int:
+        self._journal_head += 1
+        return self._journal_head
+
+    async def _commit(self, batch: _Batch, day: str) -> None:
+        async with self.store.transaction() as conn:
+            if batch.inserts:
+                await conn.executemany(
+                    "INSERT INTO dossiers (code, receiving_unit, competent_unit, status, state, record, digest,"
+                    " conflicts, created_at, updated_at, change_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    list(batch.inserts.values()),
+                )
+            if batch.updates:
+                await conn.executemany(
+                    "UPDATE dossiers SET status = ?, state = ?, record = ?, digest = ?, conflicts = ?,"
+                    " updated_at = ?, change_seq = ?, competent_unit = ? WHERE code = ?",
+                    list(batch.updates.values()),
+                )
+            if batch.journal:
+                await conn.executemany('INSERT INTO journal (seq, code, "update", at) VALUES (?,?,?,?)', batch.journal)
+            if batch.inserts:
+                key = (self.agency, day)
+                await conn.execute(
+                    "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
+                    " ON CONFLICT (agency, day) DO UPDATE SET last = excluded.last",
+                    (*key, self._counters[key]),
+                )
+            if batch.idem:
+                await conn.executemany(
+                    "INSERT OR IGNORE INTO idempotency (scope, key, request_hash, status, body, created_at)"
+                    " VALUES (?,?,?,?,?,?)",
+                    batch.idem,
+                )
+            await conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('hlc', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (self.hlc.last.encode(),),
+            )
+
+
+def _idem_mismatch(k: IdemKey) -> ApiError:
+    return ApiError(
+        422,
+        "idempotency_key_reused",
+        "this Idempotency-Key was already used with a different request body",
+        fields={"Idempotency-Key": "already used with a different body; use a new key for a new request"},
+    )
+
+
+_PENDING = Result(0, "")

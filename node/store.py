@@ -1,0 +1,255 @@
+"""The node's SQLite store: one writer connection, a reader connection, migrations, group commit.
+
+Every write goes through the single writer connection with ``BEGIN IMMEDIATE``; concurrent requests are
+batched into one transaction and one fsync by :class:`GroupCommit`. WAL with ``synchronous=FULL`` makes a
+commit durable when it returns, so a 201 sent after it survives a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import aiosqlite
+import structlog
+
+from node.migrations import LATEST, MIGRATIONS
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+BUSY_TIMEOUT_MS = 5000
+
+
+class StoreError(Exception):
+    """The store could not complete a write; nothing of the failed transaction was kept."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class SchemaTooNew(Exception):
+    """The store was written by a newer release; running an older one over it would lose data."""
+
+
+async def _pragmas(conn: aiosqlite.Connection) -> None:
+    await conn.execute("PRAGMA journal_mode=WAL")
+    await conn.execute("PRAGMA synchronous=FULL")
+    await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    await conn.execute("PRAGMA foreign_keys=ON")
+
+
+async def migrate(conn: aiosqlite.Connection, target: int = LATEST) -> int:
+    """Bring the schema forward to ``target``; returns the version the store was at."""
+    async with conn.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    current = int(row[0]) if row else 0
+    if current > LATEST:
+        raise SchemaTooNew(
+            f"the store is at schema version {current} but this release knows only up to {LATEST}; "
+            "downgrading would lose data: run the newer release or restore a backup"
+        )
+    for version, sql in MIGRATIONS:
+        if current < version <= target:
+            statements = [s.strip() for s in sql.split(";") if s.strip()]
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version={version}")
+                await conn.commit()
+            except BaseException:
+                await conn.rollback()
+                raise
+            log.info("store_migrated", version=version)
+    return current
+
+
+def classify(exc: BaseException) -> StoreError:
+    """Turn an SQLite failure into a StoreError that says whether the disk is full."""
+    full = isinstance(exc, sqlite3.OperationalError) and (
+        "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    )
+    msg = "the disk holding the store is full" if full else f"store write failed: {exc}"
+    return StoreError(msg, disk_full=full)
+
+
+class Store:
+    """The SQLite database of one node."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        writer = await aiosqlite.connect(self.path, isolation_level=None)
+        try:
+            await _pragmas(writer)
+            await migrate(writer)
+            reader = await aiosqlite.connect(self.path, isolation_level=None)
+            await _pragmas(reader)
+        except BaseException:
+            await writer.close()
+            raise
+        self._writer, self._reader = writer, reader
+
+    async def close(self) -> None:
+        """Close both connections; safe to call twice; re-raises the first error after trying both."""
+        first: BaseException | None = None
+        for attr in ("_writer", "_reader"):
+            conn = getattr(self, attr)
+            setattr(self, attr, None)
+            if conn is None:
+                continue
+            try:
+                if attr == "_writer":
+                    # Fold the WAL back so a copied data directory is one self-contained file.
+                    with contextlib.suppress(sqlite3.Error):
+                        await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                await conn.close()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    @property
+    def is_open(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def writer(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StoreError("store is closed")
+        return self._writer
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StoreError("store is closed")
+        return self._reader
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """``BEGIN IMMEDIATE`` on the writer; commit on success, roll back on any error."""
+        conn = self.writer
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            await conn.commit()
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                await conn.rollback()
+            raise
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        async with self.reader.execute(sql, params) as cur:
+            return await cur.fetchone()  # type: ignore[no-any-return]  # aiosqlite types rows as Any
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self.reader.execute(sql, params) as cur:
+            return list(await cur.fetchall())
+
+    async def get_meta(self, key: str) -> str | None:
+        async with self.writer.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
+    async def integrity_check(self) -> str:
+        async with self.reader.execute("PRAGMA integrity_check") as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row else "no answer"
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    future: asyncio.Future[R] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class GroupCommit(Generic[T, R]):
+    """Collects concurrent write requests and hands them to ``process`` as one batch.
+
+    ``process`` receives the items and returns one result per item (or raises, failing all of them). While
+    a batch is being committed new requests queue up, so under load each transaction and fsync carries
+    many requests and an idle node still commits a lone request at once.
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[T]], Awaitable[list[R | BaseException]]],
+        *,
+        max_batch: int = 512,
+    ) -> None:
+        self._process = process
+        self._max_batch = max_batch
+        self._queue: list[_Pending[T, R]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        if self._closed:
+            raise StoreError("the store is shutting down")
+        pending: _Pending[T, R] = _Pending(item)
+        self._queue.append(pending)
+        self._wake.set()
+        return await pending.future
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The writer loop; returns once closed and drained."""
+        while True:
+            if not self._queue:
+                if self._closed:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            await self.run_batch(batch)
+
+    async def run_batch(self, batch: list[_Pending[T, R]]) -> None:
+        self.batches += 1
+        self.items += len(batch)
+        try:
+            results = await self._process([p.item for p in batch])
+        except asyncio.CancelledError:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(StoreError("the store is shutting down"))
+            raise
+        except Exception as exc:
+            log.error("group_commit_failed", error=str(exc), size=len(batch))
+            err = exc if isinstance(exc, StoreError) else classify(exc)
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        for p, result in zip(batch, results, strict=True):
+            if p.future.done():
+                continue
+            if isinstance(result, BaseException):
+                p.future.set_exception(result)
+            else:
+                p.future.set_result(result)
