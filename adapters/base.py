@@ -1,0 +1,112 @@
+"""The ``Upstream`` protocol every target adapter implements, and its contract.
+
+Contract (checked by one shared test suite against each adapter and its stand-in):
+
+1. ``push`` is idempotent for the same key: pushing a dossier whose acknowledged state already covers
+   its digest sends nothing new; pushing it again after a lost answer stores nothing twice upstream
+   (records are keyed by code and digest, steps by step key).
+2. ``push`` answers one :class:`PushResult` per dossier given, in any order, and never raises for a
+   problem with one dossier: a record the upstream rejects as invalid is ``INVALID``; a code that
+   belongs to another citizen's dossier upstream is ``COLLISION``; a per-record failure that may pass
+   later is ``RETRY``. It raises :class:`UpstreamError` only when the call as a whole failed, with
+   ``retriable`` saying whether trying again may help.
+3. ``ACKED`` means the upstream durably holds the record with exactly ``digest``; ``ack`` is the
+   adapter's own opaque state to pass back on the next push of that dossier (for example the portal's
+   already-sent step keys, or the city system's last acknowledged state vector).
+4. Sessions and tokens are the adapter's business: an expired one is renewed transparently.
+5. ``close`` is idempotent.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+class UpstreamError(Exception):
+    """A call to an upstream failed as a whole; loops look at ``retriable``, never at the message."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str,
+        op: str,
+        retriable: bool,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.upstream = upstream
+        self.op = op
+        self.retriable = retriable
+        self.status = status
+        self.retry_after = retry_after
+
+    @property
+    def hard(self) -> bool:
+        """A failure that says the upstream is unwell (connection, timeout, 5xx), not that we sent junk."""
+        return self.retriable and (self.status is None or self.status >= 500)
+
+
+class Outcome(enum.StrEnum):
+    ACKED = "acked"
+    INVALID = "invalid"
+    COLLISION = "collision"
+    RETRY = "retry"
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One dossier to push: its DVCQG record, digest and full Y state, plus what the target acked last."""
+
+    code: str
+    record: Mapping[str, Any]
+    digest: str
+    state: bytes
+    ack: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PushResult:
+    code: str
+    outcome: Outcome
+    ack: bytes | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    code: str
+    seq: int
+
+
+@dataclass(frozen=True)
+class FeedPage:
+    items: list[FeedItem] = field(default_factory=list)
+    next: int = 0
+
+
+@runtime_checkable
+class Upstream(Protocol):
+    """One upstream system (the national portal or the city system)."""
+
+    name: str
+
+    async def push(self, batch: Sequence[Outgoing]) -> list[PushResult]:
+        """Send the dossiers; one result each (see the module's contract)."""
+        ...
+
+    async def probe(self) -> None:
+        """A cheap call that raises :class:`UpstreamError` when the upstream cannot serve."""
+        ...
+
+    async def feed(self, unit: str, since: int, limit: int) -> FeedPage:
+        """The upstream's change feed for a unit, by the upstream's own commit sequence."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
