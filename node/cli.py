@@ -25,7 +25,14 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if problems:
         print("wardsync init: " + "; ".join(problems), file=sys.stderr)
         return EXIT_CONFIG
-    text = render_config(unit=args.unit, agency_code=args.agency_code, listen=args.listen, data_dir=args.data_dir)
+    text = render_config(
+        unit=args.unit,
+        agency_code=args.agency_code,
+        listen=args.listen,
+        data_dir=args.data_dir,
+        national_url=args.national_url,
+        city_url=args.city_url,
+    )
     if args.out in (None, "-"):
         sys.stdout.write(text)
         return 0
@@ -79,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="file to write (default: standard output)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the HTTP API")
     p.add_argument("--data-dir", default="./data", help="directory for the store")
+    p.add_argument("--national-url", help="national portal URL (fills in the stand-in's default credentials)")
+    p.add_argument("--city-url", help="city system URL (fills in the stand-in's default credentials)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=_cmd_init)
 

@@ -45,9 +45,42 @@ class LogSection:
 
 
 @dataclass(frozen=True)
+class NationalTarget:
+    """The national portal (DVCQG): session login with username/password and a dstcode header."""
+
+    url: str = ""
+    username: str = ""
+    password: str = ""
+    dstcode: str = ""
+    madonvi: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CityTarget:
+    """The city's own system: OAuth2 client credentials."""
+
+    url: str = ""
+    client_id: str = ""
+    client_secret: str = ""
+    timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ReplicationSection:
+    batch_size: int = 500
+    max_attempts: int = 8
+    tick_s: float = 1.0
+    seed_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     log: LogSection = field(default_factory=LogSection)
+    replication: ReplicationSection = field(default_factory=ReplicationSection)
+    national: NationalTarget | None = None
+    city: CityTarget | None = None
     source: str = "<defaults>"
 
     @property
@@ -67,7 +100,14 @@ class Config:
         return self.data_path / "wardsync.sqlite3"
 
 
-_SECTIONS: dict[str, type[Any]] = {"node": NodeSection, "log": LogSection}
+_SECTIONS: dict[str, type[Any]] = {
+    "node": NodeSection,
+    "log": LogSection,
+    "replication": ReplicationSection,
+    "targets.national": NationalTarget,
+    "targets.city": CityTarget,
+}
+_OPTIONAL = {"targets.national", "targets.city"}
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -127,7 +167,10 @@ def load_config(
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         types = _types(cls)
-        given = raw.get(name, {})
+        given: Any = raw
+        for part in name.split("."):
+            given = given.get(part, {}) if isinstance(given, dict) else {}
+        present = name in _OPTIONAL and isinstance(raw.get("targets"), dict) and name.split(".")[1] in raw["targets"]
         if not isinstance(given, dict):
             problems.append(f"[{name}]: must be a table")
             given = {}
@@ -138,18 +181,31 @@ def load_config(
                 continue
             values[key] = _coerce(value, types[key], f"[{name}] {key}", problems)
         for key, typ in types.items():
-            env_name = f"{ENV_PREFIX}{name}_{key}".upper()
+            env_name = f"{ENV_PREFIX}{name.replace('.', '_')}_{key}".upper()
             if env_name in env:
                 values[key] = _coerce(env[env_name], typ, env_name, problems)
+                present = True
         for key, value in (overrides or {}).get(name, {}).items():
             if value is not None:
                 values[key] = _coerce(value, types[key], f"--{key.replace('_', '-')}", problems)
-        sections[name] = replace(cls(), **{k: v for k, v in values.items() if v is not None})
+                present = True
+        built = replace(cls(), **{k: v for k, v in values.items() if v is not None})
+        sections[name] = built if name not in _OPTIONAL or present else None
     for name in raw:
-        if name not in _SECTIONS and name != "targets":
-            problems.append(f"[{name}]: unknown section (known: {', '.join(_SECTIONS)})")
+        if name not in {n.split(".")[0] for n in _SECTIONS}:
+            problems.append(f"[{name}]: unknown section (known: node, log, replication, targets)")
+    for name in raw.get("targets", {}) if isinstance(raw.get("targets"), dict) else ():
+        if f"targets.{name}" not in _SECTIONS:
+            problems.append(f"[targets.{name}]: unknown target (known: national, city)")
 
-    config = Config(node=sections["node"], log=sections["log"], source=source)
+    config = Config(
+        node=sections["node"],
+        log=sections["log"],
+        replication=sections["replication"],
+        national=sections["targets.national"],
+        city=sections["targets.city"],
+        source=source,
+    )
     problems.extend(validate(config))
     if problems:
         raise ConfigError(problems)
@@ -185,15 +241,84 @@ def validate(config: Config) -> list[str]:
         problems.append("[node] shutdown_timeout_s: must be positive")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         problems.append(f"[log] level: {config.log.level!r} is not one of debug, info, warning, error")
+    for name, target, needed in (
+        ("national", config.national, ("url", "username", "password", "dstcode", "madonvi")),
+        ("city", config.city, ("url", "client_id", "client_secret")),
+    ):
+        if target is None:
+            continue
+        for key in needed:
+            if not getattr(target, key):
+                problems.append(f"[targets.{name}] {key}: required")
+        url = str(getattr(target, "url", ""))
+        if url and not url.startswith(("http://", "https://")):
+            problems.append(f"[targets.{name}] url: must start with http:// or https://, got {url!r}")
+        if getattr(target, "timeout_s", 1) <= 0:
+            problems.append(f"[targets.{name}] timeout_s: must be positive")
+    rep = config.replication
+    if not 1 <= rep.batch_size <= 5000:
+        problems.append("[replication] batch_size: must be between 1 and 5000")
+    if rep.max_attempts < 1:
+        problems.append("[replication] max_attempts: must be at least 1")
     if config.log.format not in {"auto", "json", "console"}:
         problems.append(f"[log] format: {config.log.format!r} is not one of auto, json, console")
     return problems
 
 
-def render_config(*, unit: str, agency_code: str, listen: str = DEFAULT_LISTEN, data_dir: str = DEFAULT_DATA_DIR) -> str:
+# The credentials the upstream stand-ins accept unless told otherwise; real upstreams issue their own.
+DEMO_USERNAME = "wardsync"
+DEMO_PASSWORD = "wardsync-demo"
+DEMO_CLIENT_ID = "wardsync"
+DEMO_CLIENT_SECRET = "wardsync-demo"
+
+
+def render_config(
+    *,
+    unit: str,
+    agency_code: str,
+    listen: str = DEFAULT_LISTEN,
+    data_dir: str = DEFAULT_DATA_DIR,
+    national_url: str | None = None,
+    city_url: str | None = None,
+) -> str:
     """A commented configuration file for ``wardsync init``."""
     u = get_unit(unit)
     name = u.name if u else "?"
+    return _render_node(unit, agency_code, listen, data_dir, name) + _render_targets(agency_code, national_url, city_url)
+
+
+def _render_targets(agency_code: str, national_url: str | None, city_url: str | None) -> str:
+    text = """
+[replication]
+# Dossiers per push call, and per-record retriable failures before a dossier is parked.
+batch_size = 500
+max_attempts = 8
+"""
+    if national_url:
+        text += f"""
+[targets.national]
+# National Public Service Portal (DVCQG), the primary. Credentials here or in WARDSYNC_TARGETS_NATIONAL_*.
+url = "{national_url}"
+username = "{DEMO_USERNAME}"
+password = "{DEMO_PASSWORD}"
+# Header the portal routes by, and the agency the node reports for.
+dstcode = "{agency_code}"
+madonvi = "{agency_code}"
+timeout_s = 10.0
+"""
+    if city_url:
+        text += f"""
+[targets.city]
+# The city's own administrative-procedure system, the backup (OAuth2 client credentials).
+url = "{city_url}"
+client_id = "{DEMO_CLIENT_ID}"
+client_secret = "{DEMO_CLIENT_SECRET}"
+timeout_s = 10.0
+"""
+    return text
+
+
+def _render_node(unit: str, agency_code: str, listen: str, data_dir: str, name: str) -> str:
     return f"""\
 # wardsync node configuration.
 # Every setting can be overridden by an environment variable WARDSYNC_<SECTION>_<KEY>,

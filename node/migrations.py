@@ -64,6 +64,30 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX dossiers_updated ON dossiers (updated_at, id);
         """,
     ),
+    (
+        3,
+        """
+        CREATE TABLE cursors (
+            target TEXT PRIMARY KEY,
+            seq    INTEGER NOT NULL
+        ) WITHOUT ROWID;
+
+        CREATE TABLE replication (
+            target       TEXT NOT NULL,
+            code         TEXT NOT NULL,
+            state        TEXT NOT NULL,
+            digest       TEXT,
+            acked_digest TEXT,
+            ack          BLOB,
+            attempts     INTEGER NOT NULL DEFAULT 0,
+            last_error   TEXT,
+            next_at      INTEGER NOT NULL DEFAULT 0,
+            updated_at   TEXT NOT NULL,
+            PRIMARY KEY (target, code)
+        ) WITHOUT ROWID;
+        CREATE INDEX replication_state ON replication (target, state, next_at);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

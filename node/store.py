@@ -89,6 +89,9 @@ class Store:
         self.path = path
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        # The writer connection is shared by the intake writer, replicators and pullers: one transaction
+        # at a time on it, in the order they asked.
+        self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -148,15 +151,16 @@ class Store:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """``BEGIN IMMEDIATE`` on the writer; commit on success, roll back on any error."""
-        conn = self.writer
-        await conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            await conn.commit()
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await conn.rollback()
-            raise
+        async with self._write_lock:
+            conn = self.writer
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                await conn.commit()
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.rollback()
+                raise
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         async with self.reader.execute(sql, params) as cur:

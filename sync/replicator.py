@@ -1,0 +1,224 @@
+"""One replicator per target: a durable cursor over the journal, batched pushes, per-dossier state.
+
+A window of journal entries after the cursor is coalesced into the set of dossiers it touched; each is
+pushed with its current state (so several changes of one dossier travel as one, in order by
+construction). Every dossier's outcome is written to ``replication`` and the cursor moves past the
+window in the same transaction, only after the upstream answered:
+
+- ``synced``: the upstream acknowledged exactly the dossier's digest;
+- ``pending``: a per-record retriable failure; retried from ``replication`` with backoff;
+- ``parked``: failed retriably too often; ``dead``: rejected as invalid or a code collision.
+
+None of them blocks the cursor. A dead or parked dossier is tried again when it changes, or on request.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base
+
+from adapters.base import Outcome, Outgoing, PushResult, Upstream, UpstreamError
+from node.clock import Clock, iso
+from node.store import Store
+
+log = structlog.get_logger()
+
+_SQL_CHUNK = 500
+
+
+def _retriable(exc: BaseException) -> bool:
+    return isinstance(exc, UpstreamError) and exc.retriable
+
+
+class _JitterHonouringRetryAfter(wait_base):
+    """Full-jitter exponential backoff that never waits less than the upstream's Retry-After."""
+
+    def __init__(self, base_s: float, cap_s: float) -> None:
+        self.base_s, self.cap_s = base_s, cap_s
+
+    def __call__(self, retry_state: Any) -> float:
+        delay = random.uniform(0, min(self.cap_s, self.base_s * 2 ** (retry_state.attempt_number - 1)))
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(exc, UpstreamError) and exc.retry_after:
+            delay = max(delay, min(exc.retry_after, self.cap_s))
+        return delay
+
+
+@dataclass(frozen=True)
+class ReplicatorSettings:
+    window: int = 2000  # journal entries read per step
+    batch_size: int = 500  # dossiers per push call
+    max_attempts: int = 8  # per-record retriable failures before a dossier is parked
+    call_attempts: int = 3  # tries of one push call before the step fails and the loop backs off
+    retry_base_s: float = 0.5
+    retry_cap_s: float = 30.0
+
+
+class Replicator:
+    """Pushes every change in the journal to one upstream."""
+
+    def __init__(self, store: Store, upstream: Upstream, *, clock: Clock | None = None,
+                 settings: ReplicatorSettings | None = None) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.target = upstream.name
+        self.clock = clock or Clock()
+        self.settings = settings or ReplicatorSettings()
+        self.last_ok_at: str | None = None
+        self.pushed = 0
+
+    async def cursor(self) -> int:
+        row = await self.store.fetchone("SELECT seq FROM cursors WHERE target = ?", (self.target,))
+        return int(row[0]) if row else 0
+
+    async def run_once(self) -> bool:
+        """Push one window; True when more work is waiting."""
+        cursor = await self.cursor()
+        entries = await self.store.fetchall(
+            "SELECT seq, code FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, self.settings.window)
+        )
+        now_ms = int(time.time() * 1000)
+        retry_rows = await self.store.fetchall(
+            "SELECT code FROM replication WHERE target = ? AND state = 'pending' AND next_at <= ? LIMIT ?",
+            (self.target, now_ms, self.settings.batch_size),
+        )
+        codes = list(dict.fromkeys([e[1] for e in entries] + [r[0] for r in retry_rows]))
+        if not codes:
+            return False
+        head = int(entries[-1][0]) if entries else cursor
+        todo = await self._outgoing(codes)
+        results: list[PushResult] = []
+        for i in range(0, len(todo), self.settings.batch_size):
+            chunk = todo[i : i + self.settings.batch_size]
+            results.extend(await self._push(chunk))
+        await self._record(todo, results, head)
+        return len(entries) >= self.settings.window or len(retry_rows) >= self.settings.batch_size
+
+    async def _outgoing(self, codes: Sequence[str]) -> list[Outgoing]:
+        """The dossiers whose current digest the target has not acknowledged (and not given up on)."""
+        out: list[Outgoing] = []
+        for i in range(0, len(codes), _SQL_CHUNK):
+            chunk = list(codes[i : i + _SQL_CHUNK])
+            marks = ",".join("?" for _ in chunk)
+            rows = await self.store.fetchall(
+                f"SELECT d.code, d.state, d.record, d.digest, r.state, r.digest, r.acked_digest, r.ack"
+                f" FROM dossiers d LEFT JOIN replication r ON r.target = ? AND r.code = d.code"
+                f" WHERE d.code IN ({marks})",
+                [self.target, *chunk],
+            )
+            for code, state, record, digest, rstate, rdigest, acked, ack in rows:
+                if acked == digest:
+                    continue
+                if rstate in ("dead", "parked") and rdigest == digest:
+                    continue  # given up on this exact content; a change or an explicit retry revives it
+                out.append(Outgoing(code, json.loads(record), digest, bytes(state), None if ack is None else bytes(ack)))
+        return out
+
+    async def _push(self, chunk: list[Outgoing]) -> list[PushResult]:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_retriable),
+            wait=_JitterHonouringRetryAfter(self.settings.retry_base_s, self.settings.retry_cap_s),
+            stop=stop_after_attempt(self.settings.call_attempts),
+            reraise=True,
+        )
+        started = time.perf_counter()
+        async for attempt in retrying:
+            with attempt:
+                results = await self.upstream.push(chunk)
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
+        log.info("push_batch", target=self.target, size=len(chunk), ms=round((time.perf_counter() - started) * 1000, 1),
+                 **counts)
+        return results
+
+    async def _record(self, todo: list[Outgoing], results: list[PushResult], head: int) -> None:
+        by_code = {o.code: o for o in todo}
+        at = iso(self.clock.now())
+        now_ms = int(time.time() * 1000)
+        prev = await self._attempts([r.code for r in results if r.outcome is Outcome.RETRY])
+        rows: list[tuple[Any, ...]] = []
+        for r in results:
+            o = by_code.get(r.code)
+            if o is None:
+                continue
+            if r.outcome is Outcome.ACKED:
+                rows.append((self.target, r.code, "synced", o.digest, o.digest, r.ack, 0, None, 0, at))
+            elif r.outcome in (Outcome.INVALID, Outcome.COLLISION):
+                log.error("dead_letter", target=self.target, code=r.code, reason=r.outcome.value, detail=r.detail)
+                rows.append((self.target, r.code, "dead", o.digest, None, r.ack or o.ack, 0,
+                             f"{r.outcome.value}: {r.detail}", 0, at))
+            else:
+                attempts = prev.get(r.code, 0) + 1
+                parked = attempts >= self.settings.max_attempts
+                if parked:
+                    log.error("parked", target=self.target, code=r.code, attempts=attempts, detail=r.detail)
+                delay_ms = int(min(self.settings.retry_cap_s, self.settings.retry_base_s * 2**attempts) * 1000)
+                rows.append((self.target, r.code, "parked" if parked else "pending", o.digest, None, r.ack or o.ack,
+                             attempts, f"retry: {r.detail}", now_ms + random.randint(0, delay_ms), at))
+        async with self.store.transaction() as conn:
+            if rows:
+                await conn.executemany(
+                    "INSERT INTO replication (target, code, state, digest, acked_digest, ack, attempts, last_error,"
+                    " next_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+                    " ON CONFLICT (target, code) DO UPDATE SET state = excluded.state, digest = excluded.digest,"
+                    " acked_digest = coalesce(excluded.acked_digest, replication.acked_digest),"
+                    " ack = excluded.ack, attempts = excluded.attempts, last_error = excluded.last_error,"
+                    " next_at = excluded.next_at, updated_at = excluded.updated_at",
+                    rows,
+                )
+            await conn.execute(
+                "INSERT INTO cursors (target, seq) VALUES (?, ?)"
+                " ON CONFLICT (target) DO UPDATE SET seq = max(seq, excluded.seq)",
+                (self.target, head),
+            )
+        if any(r.outcome is Outcome.ACKED for r in results):
+            self.last_ok_at = at
+        self.pushed += sum(1 for r in results if r.outcome is Outcome.ACKED)
+
+    async def _attempts(self, codes: list[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for i in range(0, len(codes), _SQL_CHUNK):
+            chunk = codes[i : i + _SQL_CHUNK]
+            marks = ",".join("?" for _ in chunk)
+            for code, attempts in await self.store.fetchall(
+                f"SELECT code, attempts FROM replication WHERE target = ? AND code IN ({marks})", [self.target, *chunk]
+            ):
+                found[code] = int(attempts)
+        return found
+
+    async def retry(self, code: str) -> bool:
+        """Put a dead or parked dossier back in the queue; False when it is neither."""
+        async with self.store.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE replication SET state = 'pending', attempts = 0, next_at = 0, digest = NULL"
+                " WHERE target = ? AND code = ? AND state IN ('dead', 'parked')",
+                (self.target, code),
+            )
+            return cur.rowcount > 0
+
+    async def lag(self, journal_head: int) -> dict[str, Any]:
+        cursor = await self.cursor()
+        row = await self.store.fetchone(
+            "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'),"
+            " count(*) FILTER (WHERE state = 'parked') FROM replication WHERE target = ?",
+            (self.target,),
+        )
+        oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
+        lag_s = 0.0
+        if oldest and oldest[0]:
+            from datetime import datetime
+
+            lag_s = max(0.0, self.clock.now().timestamp() - datetime.fromisoformat(oldest[0].replace("Z", "+00:00"))
+                        .timestamp())
+        pending, dead, parked = (int(x or 0) for x in (row or (0, 0, 0)))
+        return {"cursor": cursor, "lag_records": max(0, journal_head - cursor) + pending, "lag_seconds": round(lag_s, 3),
+                "pending": pending, "dead": dead, "parked": parked, "last_ok_at": self.last_ok_at}
