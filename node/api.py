@@ -24,6 +24,7 @@ log = structlog.get_logger()
 SERVICE: web.AppKey[DossierService] = web.AppKey("service", DossierService)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)
 UNIT: web.AppKey[str] = web.AppKey("unit", str)
+NODE: web.AppKey[Any] = web.AppKey("node", object)
 READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready", Callable[[], bool])  # type: ignore[arg-type]  # AppKey accepts any type object at runtime
 
 MAX_JSON_DEPTH = 16
@@ -159,7 +160,71 @@ async def get_dossier(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", f"no dossier with code {code!r}")
     record, digest, conflicts = row
     tail = f',"conflicts":{conflicts}' if conflicts and conflicts != "[]" else ""
+    replication = await _replication_of(request, code, digest)
+    tail += f',"replication":{json.dumps(replication, ensure_ascii=False)}'
     return json_response(f'{record[:-1]},"digest":"{digest}"{tail}}}')
+
+
+async def _replication_of(request: web.Request, code: str, digest: str) -> dict[str, Any]:
+    """Per target: where this dossier stands (synced, pending, dead, parked)."""
+    rows = await request.app[STORE].fetchall(
+        "SELECT target, state, acked_digest, attempts, last_error, updated_at FROM replication WHERE code = ?", (code,)
+    )
+    known = {r[0]: r for r in rows}
+    out: dict[str, Any] = {}
+    for target in request.app[NODE].replicators:
+        r = known.get(target)
+        if r is None:
+            out[target] = {"state": "pending", "acked_digest": None, "attempts": 0, "last_error": None,
+                           "updated_at": None}
+            continue
+        state = r[1]
+        if state == "synced" and r[2] != digest:
+            state = "pending"  # acknowledged an earlier version; the newer one is on its way
+        out[target] = {"state": state, "acked_digest": r[2], "attempts": r[3], "last_error": r[4],
+                       "updated_at": r[5]}
+    return out
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    target = request.query.get("target")
+    if target is not None and target not in request.app[NODE].replicators:
+        raise ApiError(400, "invalid_parameter", f"unknown target {target!r}",
+                       fields={"target": f"one of {sorted(request.app[NODE].replicators)}"})
+    limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    rows = await request.app[STORE].fetchall(
+        "SELECT target, code, state, attempts, last_error, updated_at FROM replication"
+        " WHERE state IN ('dead', 'parked') AND (? IS NULL OR target = ?) ORDER BY updated_at LIMIT ?",
+        (target, target, limit),
+    )
+    items = [{"target": r[0], "code": r[1], "state": r[2], "attempts": r[3], "reason": r[4], "updated_at": r[5]}
+             for r in rows]
+    return json_response({"items": items})
+
+
+async def retry_dead_letter(request: web.Request) -> web.Response:
+    target, code = request.match_info["target"], request.match_info["code"]
+    rep = request.app[NODE].replicators.get(target)
+    if rep is None:
+        raise ApiError(404, "not_found", f"unknown target {target!r}")
+    if not await rep.retry(code):
+        raise ApiError(404, "not_found", f"{code!r} is neither dead-lettered nor parked for {target}")
+    request.app[NODE].loops[target].wake.set()
+    return json_response({"target": target, "code": code, "state": "pending"}, status=202)
+
+
+async def status(request: web.Request) -> web.Response:
+    node = request.app[NODE]
+    head = node.service.journal_head
+    targets: dict[str, Any] = {}
+    for name, rep in node.replicators.items():
+        loop = node.loops[name]
+        lag = await rep.lag(head)
+        state = "healthy" if loop.errors == 0 else ("down" if loop.errors >= 3 else "degraded")
+        targets[name] = {"state": state, **lag, "last_error": loop.last_error}
+    active = next((n for n in ("national", "city") if n in targets and targets[n]["state"] != "down"), None)
+    return json_response({"unit": request.app[UNIT], "journal_head": head, "active_source": active,
+                          "targets": targets, "events": []})
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -273,6 +338,9 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/dossiers/{code}/steps", add_step)
     app.router.add_post("/api/v1/dossiers/{code}/fees", add_fee)
     app.router.add_get("/api/v1/changes", changes)
+    app.router.add_get("/api/v1/status", status)
+    app.router.add_get("/api/v1/dead-letters", dead_letters)
+    app.router.add_post("/api/v1/dead-letters/{target}/{code}/retry", retry_dead_letter)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)

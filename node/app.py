@@ -9,15 +9,19 @@ import asyncio
 import contextlib
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
+from adapters.base import Upstream, UpstreamError
 from node import api
 from node.clock import Clock
 from node.config import Config
 from node.registry import get_unit
 from node.service import DossierService
 from node.store import Store
+from sync.loop import Loop
+from sync.replicator import Replicator, ReplicatorSettings
 
 log = structlog.get_logger()
 
@@ -25,13 +29,18 @@ log = structlog.get_logger()
 class Node:
     """One unit's node: ``async with Node(config) as node`` gives a running node and ``node.app``."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None, upstreams: list[Upstream] | None = None) -> None:
         self.config = config
         self.clock = clock or Clock()
         self.store = Store(config.db_path)
         self.service = DossierService(
             self.store, unit=config.node.unit, agency=config.node.agency_code, clock=self.clock
         )
+        self._given_upstreams = upstreams
+        self.upstreams: list[Upstream] = []
+        self.replicators: dict[str, Replicator] = {}
+        self.loops: dict[str, Loop] = {}
+        self._http: aiohttp.ClientSession | None = None
         self.app = build_app(self)
         self._tasks: asyncio.TaskGroup | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -51,10 +60,23 @@ class Node:
         await self.store.open()
         try:
             await self.service.load()
+            self.upstreams = self._given_upstreams if self._given_upstreams is not None else self._build_upstreams()
+            settings = ReplicatorSettings(
+                batch_size=self.config.replication.batch_size, max_attempts=self.config.replication.max_attempts
+            )
+            for upstream in self.upstreams:
+                rep = Replicator(self.store, upstream, clock=self.clock, settings=settings)
+                loop = Loop(f"push:{upstream.name}", rep.run_once, tick_s=self.config.replication.tick_s)
+                self.service.listeners.append(loop.wake)
+                self.replicators[upstream.name], self.loops[upstream.name] = rep, loop
+            await self._seed_counters()
             self._tasks = asyncio.TaskGroup()
             await self._tasks.__aenter__()
             self._writer_task = self._tasks.create_task(self.service.writer.run(), name="writer")
+            for name, loop in self.loops.items():
+                self._tasks.create_task(loop.run(), name=f"push:{name}")
         except BaseException:
+            await self._close_upstreams()
             await self.store.close()
             raise
         unit = get_unit(self.config.node.unit)
@@ -65,12 +87,65 @@ class Node:
     async def __aexit__(self, *exc: Any) -> None:
         await self.close()
 
+    def _build_upstreams(self) -> list[Upstream]:
+        """The adapters the configuration names, sharing one HTTP connection pool."""
+        from adapters.city import CityAdapter
+        from adapters.national import NationalAdapter
+
+        if self.config.national is None and self.config.city is None:
+            return []
+        self._http = aiohttp.ClientSession()
+        ups: list[Upstream] = []
+        if (n := self.config.national) is not None:
+            ups.append(NationalAdapter(n.url, username=n.username, password=n.password, dstcode=n.dstcode,
+                                       madonvi=n.madonvi, session=self._http, timeout_s=n.timeout_s))
+        if (c := self.config.city) is not None:
+            ups.append(CityAdapter(c.url, client_id=c.client_id, client_secret=c.client_secret, session=self._http,
+                                   timeout_s=c.timeout_s))
+        return ups
+
+    async def _seed_counters(self) -> None:
+        """On an empty store, start the day counters past every code the upstreams hold for this unit."""
+        row = await self.store.fetchone(
+            "SELECT (SELECT count(*) FROM dossiers) + (SELECT count(*) FROM day_counters)"
+        )
+        if not self.upstreams or (row is not None and row[0]):
+            return
+        codes: list[str] = []
+        for upstream in self.upstreams:
+            try:
+                async with asyncio.timeout(self.config.replication.seed_timeout_s):
+                    since = 0
+                    while True:
+                        page = await upstream.feed(self.config.node.unit, since, 1000)
+                        codes += [item.code for item in page.items]
+                        if not page.items or page.next <= since:
+                            break
+                        since = page.next
+            except (UpstreamError, TimeoutError) as exc:
+                log.warning("seed_counters_unreachable", target=upstream.name, error=str(exc) or "timeout")
+        seeded = await self.service.seed_counters(codes)
+        if seeded:
+            log.info("seed_counters", days=seeded)
+
+    async def _close_upstreams(self) -> None:
+        for upstream in self.upstreams:
+            try:
+                await upstream.close()
+            except Exception as exc:  # noqa: BLE001 - every upstream gets its close attempt
+                log.warning("upstream_close_failed", target=upstream.name, error=str(exc))
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
     async def close(self) -> None:
         """Drain the writer, then close the store; idempotent; re-raises the first error."""
         if self._stopping and self._tasks is None:
             return
         self._stopping = True
         first: BaseException | None = None
+        for loop in self.loops.values():
+            loop.stop()
         self.service.writer.close()
         if self._tasks is not None:
             tasks, self._tasks = self._tasks, None
@@ -97,6 +172,7 @@ def build_app(node: Node) -> web.Application:
     app[api.STORE] = node.store
     app[api.UNIT] = node.config.node.unit
     app[api.READY] = lambda: node.ready
+    app[api.NODE] = node
     api.add_routes(app)
     return app
 

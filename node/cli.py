@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from node import __version__
 from node.config import ConfigError, load_config, render_config, split_listen
@@ -59,20 +60,54 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"wardsync serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(config.log.level, config.log.format)
+    return _run_until_signal(lambda stop: serve(config, stop=stop, announce=lambda m: print(m, flush=True)))
 
+
+def _run_until_signal(make: Any) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop=stop, announce=lambda m: print(m, flush=True))
+        await make(stop)
 
     try:
         asyncio.run(main())
     except OSError as exc:
-        print(f"wardsync serve: {exc}", file=sys.stderr)
+        print(f"wardsync: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from node.logs import configure
+
+    configure("info", "auto")
+    try:
+        host, port = split_listen(args.listen)
+    except ValueError as exc:
+        print(f"wardsync sim: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.system == "national":
+        from simulations.national_portal import serve as serve_national
+
+        return _run_until_signal(lambda stop: serve_national(host, port, Path(args.data_dir), stop,
+                                                             announce=lambda m: print(m, flush=True)))
+    from simulations.city_system import serve as serve_city
+
+    return _run_until_signal(lambda stop: serve_city(host, port, Path(args.data_dir), stop,
+                                                     announce=lambda m: print(m, flush=True)))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from node.demo import run_demo
+    from node.logs import configure
+
+    configure("warning", "auto")
+    host, port = split_listen(args.listen)
+    return _run_until_signal(lambda stop: run_demo(Path(args.data_dir), host=host, port=port,
+                                                   dossiers=args.dossiers, stop=stop,
+                                                   announce=lambda m: print(m, flush=True)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--listen", help="HOST:PORT, overrides the file")
     p.add_argument("--data-dir", help="store directory, overrides the file")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("sim", help="run an upstream stand-in (national portal or city system)")
+    p.add_argument("system", choices=["national", "city"])
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free port)")
+    p.add_argument("--data-dir", required=True, help="directory for the stand-in's own store")
+    p.set_defaults(func=_cmd_sim)
+
+    p = sub.add_parser("demo", help="both stand-ins and a node wired to them, on loopback")
+    p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the node")
+    p.add_argument("--data-dir", default="./data/demo", help="directory for all three stores")
+    p.add_argument("--dossiers", type=int, default=5, help="sample dossiers to accept at start")
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -8,6 +8,7 @@ transaction fails it is reloaded or dropped.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -116,6 +117,8 @@ class DossierService:
         self._counters: dict[tuple[str, str], int] = {}
         self._journal_head = 0
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        # Set after every commit that wrote to the journal: replicators wake on it instead of polling.
+        self.listeners: list[asyncio.Event] = []
 
     # -- start-up -----------------------------------------------------------------------------------
     async def load(self) -> None:
@@ -144,6 +147,30 @@ class DossierService:
     @property
     def journal_head(self) -> int:
         return self._journal_head
+
+    async def seed_counters(self, codes: list[str]) -> dict[str, int]:
+        """Raise the day counters past every code of this agency that an upstream already holds.
+
+        A node starting on an empty store (a new or rebuilt server) must not mint a code that the
+        upstreams already hold for another dossier.
+        """
+        prefix = f"{self.agency}-"
+        highest: dict[str, int] = {}
+        for code in codes:
+            if not code.startswith(prefix):
+                continue
+            day, _, seq = code[len(prefix) :].partition("-")
+            if len(day) == 6 and day.isdigit() and seq.isdigit():
+                highest[day] = max(highest.get(day, 0), int(seq))
+        if highest:
+            async with self.store.transaction() as conn:
+                await conn.executemany(
+                    "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
+                    " ON CONFLICT (agency, day) DO UPDATE SET last = max(last, excluded.last)",
+                    [(self.agency, day, n) for day, n in highest.items()],
+                )
+            self._counters.clear()
+        return highest
 
     # -- public operations --------------------------------------------------------------------------
     async def intake(self, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
@@ -182,6 +209,9 @@ class DossierService:
                 for code in batch.touched:
                     self._cache.pop(code, None)
                 raise
+            if batch.journal:
+                for event in self.listeners:
+                    event.set()
         for i, leader in followers.items():
             results[i] = self._follow(ops[i], ops[leader], results[leader])
         return [r if r is not None else ApiError(500, "internal", "no result") for r in results]

@@ -177,7 +177,8 @@ def _check_object(body: object, schema: _Schema, path: str, errors: Errors) -> R
             # Only reachable from Python callers; str() of some objects (huge ints) raises.
             errors[_join(path, "<non-string key>")] = "field names must be strings"
             continue
-        key_path = _join(path, key)
+        # An empty name would otherwise be reported at the parent's path, or at "".
+        key_path = _join(path, key or '""')
         if key in schema.node_fields:
             if not _is_missing(_prepare(raw)):
                 errors[key_path] = "is set by the node and must not be sent"
@@ -206,22 +207,25 @@ def _list_of(schema: _Schema, max_items: int, unique: str, what: str) -> _Checke
             return _INVALID
         items: list[Record] = []
         seen: dict[object, int] = {}
-        before = len(errors)
+        # Item errors go to a local dict first: a key already in ``errors`` (an odd top-level
+        # name that looks like a path) must not hide that an item failed.
+        local: Errors = {}
         for index, item in enumerate(value):
             item_path = f"{path}[{index}]"
-            clean = _check_object(item, schema, item_path, errors)
+            clean = _check_object(item, schema, item_path, local)
             if clean is None:
                 continue
             key = clean.get(unique)
             if key is not None:
                 if key in seen:
-                    errors[_join(item_path, unique)] = (
+                    local[_join(item_path, unique)] = (
                         f"must be unique in {path}; it repeats {path}[{seen[key]}].{unique}"
                     )
                 else:
                     seen[key] = index
             items.append(clean)
-        return items if len(errors) == before else _INVALID
+        errors.update(local)
+        return _INVALID if local else items
 
     return checker
 
@@ -319,8 +323,7 @@ _INTAKE_SCHEMA = _Schema(
             _string(
                 50,
                 pattern=_PROCEDURE_CODE_RE,
-                expected="must be a procedure code of at most 50 characters, "
-                "digits separated by dots such as 1.000656",
+                expected="must be a procedure code of at most 50 characters, digits separated by dots such as 1.000656",
             ),
             required=True,
         ),
