@@ -106,7 +106,7 @@ class TestAgencyCode:
             "000 00",
             "000.00.17.H29\n",
             "H29-01",
-            "Ｈ29",
+            "\uff2829",  # fullwidth H
             "٣٣",
             "A" * 36,
         ]:
@@ -121,7 +121,7 @@ class TestAgencyCode:
         assert AGENCY_CODE_RE.match("A..B") is None
         assert AGENCY_CODE_RE.match("H29\n") is None
 
-    @settings(max_examples=300)
+    @settings(max_examples=200)
     @given(st.text(alphabet="09AZa. \n-", max_size=40))
     def test_matches_reference(self, s: str) -> None:
         """is_agency_code agrees with a segment-by-segment reference check."""

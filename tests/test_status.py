@@ -141,20 +141,20 @@ class TestDeriveStatus:
         """A generator works as well as a list."""
         assert derive_status(s for s in [2, 4]) == (4, [])
 
-    @settings(max_examples=300)
+    @settings(max_examples=150)
     @given(statuses)
     def test_equals_reference_fold(self, steps: list[int]) -> None:
         """derive_status equals a straightforward fold over the documented table."""
         assert derive_status(steps) == reference_fold(steps)
 
-    @settings(max_examples=300)
+    @settings(max_examples=150)
     @given(statuses)
     def test_lands_on_reachable_status(self, steps: list[int]) -> None:
         """The result is None or a status reachable from an initial one."""
         status, _ = derive_status(steps)
         assert status is None or status in reachable()
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(statuses)
     def test_never_leaves_final(self, steps: list[int]) -> None:
         """Once a prefix lands on a final status, the whole sequence ends there."""
@@ -165,7 +165,7 @@ class TestDeriveStatus:
                 assert final_status == status
                 break
 
-    @settings(max_examples=200)
+    @settings(max_examples=100)
     @given(statuses)
     def test_kept_steps_replay_cleanly(self, steps: list[int]) -> None:
         """Replaying only the kept steps skips nothing and lands on the same status."""
