@@ -89,11 +89,11 @@ class Node:
 
     def _build_upstreams(self) -> list[Upstream]:
         """The adapters the configuration names, sharing one HTTP connection pool."""
+        if self.config.national is None and self.config.city is None:
+            return []
         from adapters.city import CityAdapter
         from adapters.national import NationalAdapter
 
-        if self.config.national is None and self.config.city is None:
-            return []
         self._http = aiohttp.ClientSession()
         ups: list[Upstream] = []
         if (n := self.config.national) is not None:

@@ -98,6 +98,8 @@ def openapi_document() -> dict[str, Any]:
             "TaiLieuNop": {"type": "array", "items": _ref("Document")},
             "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
             "digest": {"type": "string", "description": "sha256 of the record's canonical JSON"},
+            "replication": {"type": "object", "description": "Per target: state, acked_digest, attempts, "
+                            "last_error, updated_at (GET of one dossier only)"},
             "conflicts": {"type": "array", "items": {"type": "object"},
                           "description": "Steps skipped as illegal in the merged order"},
         },
@@ -179,6 +181,29 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"200": {"description": "Changes", **_json({"type": "object", "properties": {
                         "items": {"type": "array", "items": _ref("Change")}, "next": {"type": "integer"}}})},
                         **_errors(400)},
+                },
+            },
+            "/api/v1/status": {
+                "get": {"summary": "Replication state per target, journal head and the active source",
+                        "responses": {"200": {"description": "Status", **_json({"type": "object"})}}},
+            },
+            "/api/v1/dead-letters": {
+                "get": {
+                    "summary": "Dossiers dead-lettered or parked, oldest first",
+                    "parameters": [{"name": "target", "in": q, "schema": {"type": "string"}},
+                                   {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1,
+                                                                          "maximum": 500}}],
+                    "responses": {"200": {"description": "Dead letters", **_json({"type": "object", "properties": {
+                        "items": {"type": "array", "items": {"type": "object"}}}})}, **_errors(400)},
+                },
+            },
+            "/api/v1/dead-letters/{target}/{code}/retry": {
+                "post": {
+                    "summary": "Send a dead-lettered or parked dossier to its target again",
+                    "parameters": [{"name": "target", "in": "path", "required": True, "schema": {"type": "string"}},
+                                   _CODE],
+                    "responses": {"202": {"description": "Queued again", **_json({"type": "object"})},
+                                  **_errors(404)},
                 },
             },
             "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
