@@ -229,7 +229,7 @@ async def status(request: web.Request) -> web.Response:
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
     raw = request.query.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return default
     if not re.fullmatch(r"-?\d{1,18}", raw) or not lo <= int(raw) <= hi:
         raise ApiError(400, "invalid_parameter", f"{name} must be an integer from {lo} to {hi}",
