@@ -61,12 +61,13 @@ class Node:
         try:
             await self.service.load()
             self.upstreams = self._given_upstreams if self._given_upstreams is not None else self._build_upstreams()
-            settings = ReplicatorSettings(
-                batch_size=self.config.replication.batch_size, max_attempts=self.config.replication.max_attempts
-            )
+            rc = self.config.replication
+            settings = ReplicatorSettings(batch_size=rc.batch_size, max_attempts=rc.max_attempts,
+                                          retry_base_s=rc.retry_base_s, retry_cap_s=rc.retry_cap_s)
             for upstream in self.upstreams:
                 rep = Replicator(self.store, upstream, clock=self.clock, settings=settings)
-                loop = Loop(f"push:{upstream.name}", rep.run_once, tick_s=self.config.replication.tick_s)
+                loop = Loop(f"push:{upstream.name}", rep.run_once, tick_s=rc.tick_s,
+                            backoff_base_s=rc.retry_base_s, backoff_cap_s=rc.retry_cap_s)
                 self.service.listeners.append(loop.wake)
                 self.replicators[upstream.name], self.loops[upstream.name] = rep, loop
             await self._seed_counters()
