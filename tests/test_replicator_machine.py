@@ -40,6 +40,7 @@ class ScriptedUpstream:
         self.stored: dict[str, str] = {}  # code -> digest held upstream
         self.store_count: dict[str, int] = {}
         self.rejects: set[str] = set()  # codes answered INVALID (while their content is unchanged)
+        self.ever_rejected: set[str] = set()
         self.flaky: set[str] = set()  # codes answered RETRY
         self.mode = "ok"  # ok | fail_call | lose_answer
 
@@ -49,6 +50,7 @@ class ScriptedUpstream:
         results = []
         for o in batch:
             if o.code in self.rejects:
+                self.ever_rejected.add(o.code)
                 results.append(PushResult(o.code, Outcome.INVALID, detail="rejected"))
             elif o.code in self.flaky:
                 results.append(PushResult(o.code, Outcome.RETRY, detail="try later"))
@@ -197,7 +199,8 @@ class ReplicationMachine(RuleBasedStateMachine):
         for code, digest in local.items():
             state = states.get(code)
             if state == "dead":
-                assert code in self.upstream.rejects
+                # Dead stays dead for the same content until a change or an operator's retry.
+                assert code in self.upstream.ever_rejected
             elif state == "parked":
                 continue  # listed for an operator; retried on request or on its next change
             else:
