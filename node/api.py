@@ -42,7 +42,7 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), content_type=_JSON)
+    return web.Response(status=err.status, body=err.body(), content_type=_JSON, charset="utf-8")
 
 
 _HTTP_CODES = {
@@ -76,7 +76,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"no route for {request.method} {request.path}"
         elif exc.status == 405:
             message = f"{request.method} is not allowed on {request.path}"
-        return error_response(ApiError(exc.status, code, message))
+        response = error_response(ApiError(exc.status, code, message))
+        if "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 async def read_json(request: web.Request) -> Any:

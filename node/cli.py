@@ -60,7 +60,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"wardsync serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(config.log.level, config.log.format)
-    return _run_until_signal(lambda stop: serve(config, stop=stop, announce=lambda m: print(m, flush=True)))
+    from node.store import SchemaTooNew
+
+    try:
+        return _run_until_signal(lambda stop: serve(config, stop=stop, announce=lambda m: print(m, flush=True)))
+    except SchemaTooNew as exc:
+        print(f"wardsync serve: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_until_signal(make: Any) -> int:
@@ -116,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="write a commented configuration file")
-    p.add_argument("--unit", required=True, help="5-digit statistical code of the unit (e.g. 26734)")
+    p.add_argument("--unit", required=True, help="5-digit statistical code of the unit (e.g. 26743)")
     p.add_argument("--agency-code", required=True, help="electronic agency code (mã định danh)")
     p.add_argument("--out", help="file to write (default: standard output)")
     p.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for the HTTP API")

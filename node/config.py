@@ -164,6 +164,10 @@ def load_config(
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError([f"{path}: file not found (create one with `wardsync init`)"]) from None
+        except PermissionError as exc:
+            raise ConfigError([f"{path}: cannot be read by this user ({exc.strerror})"]) from exc
+        except IsADirectoryError as exc:
+            raise ConfigError([f"{path}: is a directory, not a configuration file"]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
 
@@ -220,7 +224,7 @@ def validate(config: Config) -> list[str]:
     problems: list[str] = []
     node = config.node
     if not node.unit:
-        problems.append("[node] unit: required: the 5-digit statistical code of this unit (e.g. 26734)")
+        problems.append("[node] unit: required: the 5-digit statistical code of this unit (e.g. 26743)")
     elif get_unit(node.unit) is None:
         problems.append(f"[node] unit: {node.unit!r} is not one of Ho Chi Minh City's 168 commune-level units")
     if not node.agency_code:

@@ -163,7 +163,7 @@ class Replicator:
                     log.error("parked", target=self.target, code=r.code, attempts=attempts, detail=r.detail)
                 delay_ms = int(min(self.settings.retry_cap_s, self.settings.retry_base_s * 2**attempts) * 1000)
                 rows.append((self.target, r.code, "parked" if parked else "pending", o.digest, None, r.ack or o.ack,
-                             attempts, f"retry: {r.detail}", now_ms + random.randint(0, delay_ms), at))
+                             attempts, r.detail if r.detail.startswith("retry") else f"retry: {r.detail}", now_ms + random.randint(0, delay_ms), at))
         async with self.store.transaction() as conn:
             if rows:
                 await conn.executemany(
