@@ -1,16 +1,13 @@
 #!/usr/bin/env sh
-# Set up (first time) and run a node with its store under ./data; prints the URL it listens on.
+# Set up (first time) and run the demo: the national portal and city system stand-ins and a node wired
+# to them, all on loopback, stores under ./data/demo. Prints the node's URL. Extra arguments go to
+# `wardsync demo` (for example --listen 127.0.0.1:9000).
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
-if [ ! -x .venv/bin/wardsync ]; then
+if [ ! -x .venv/bin/wardsync ] || ! .venv/bin/python -c "import node, adapters, simulations" 2>/dev/null; then
     "$PY" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e .
 fi
-if [ ! -f wardsync.toml ]; then
-    # Phường Bến Thành; replace the agency code with the one the city assigned to your unit.
-    .venv/bin/wardsync init --unit "${WARDSYNC_UNIT:-26743}" --agency-code "${WARDSYNC_AGENCY:-000.00.17.H29}" \
-        --out wardsync.toml
-fi
-exec .venv/bin/wardsync serve --config wardsync.toml "$@"
+exec .venv/bin/wardsync demo "$@"
