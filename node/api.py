@@ -178,30 +178,40 @@ async def _replication_of(request: web.Request, code: str, digest: str) -> dict[
     for target in request.app[NODE].replicators:
         r = known.get(target)
         if r is None:
-            out[target] = {"state": "pending", "acked_digest": None, "attempts": 0, "last_error": None,
-                           "updated_at": None}
+            out[target] = {
+                "state": "pending",
+                "acked_digest": None,
+                "attempts": 0,
+                "last_error": None,
+                "updated_at": None,
+            }
             continue
         state = r[1]
         if state == "synced" and r[2] != digest:
             state = "pending"  # acknowledged an earlier version; the newer one is on its way
-        out[target] = {"state": state, "acked_digest": r[2], "attempts": r[3], "last_error": r[4],
-                       "updated_at": r[5]}
+        out[target] = {"state": state, "acked_digest": r[2], "attempts": r[3], "last_error": r[4], "updated_at": r[5]}
     return out
 
 
 async def dead_letters(request: web.Request) -> web.Response:
     target = request.query.get("target")
     if target is not None and target not in request.app[NODE].replicators:
-        raise ApiError(400, "invalid_parameter", f"unknown target {target!r}",
-                       fields={"target": f"one of {sorted(request.app[NODE].replicators)}"})
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"unknown target {target!r}",
+            fields={"target": f"one of {sorted(request.app[NODE].replicators)}"},
+        )
     limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
     rows = await request.app[STORE].fetchall(
         "SELECT target, code, state, attempts, last_error, updated_at FROM replication"
         " WHERE state IN ('dead', 'parked') AND (? IS NULL OR target = ?) ORDER BY updated_at LIMIT ?",
         (target, target, limit),
     )
-    items = [{"target": r[0], "code": r[1], "state": r[2], "attempts": r[3], "reason": r[4], "updated_at": r[5]}
-             for r in rows]
+    items = [
+        {"target": r[0], "code": r[1], "state": r[2], "attempts": r[3], "reason": r[4], "updated_at": r[5]}
+        for r in rows
+    ]
     return json_response({"items": items})
 
 
@@ -226,8 +236,9 @@ async def status(request: web.Request) -> web.Response:
         state = "healthy" if loop.errors == 0 else ("down" if loop.errors >= 3 else "degraded")
         targets[name] = {"state": state, **lag, "last_error": loop.last_error}
     active = next((n for n in ("national", "city") if n in targets and targets[n]["state"] != "down"), None)
-    return json_response({"unit": request.app[UNIT], "journal_head": head, "active_source": active,
-                          "targets": targets, "events": []})
+    return json_response(
+        {"unit": request.app[UNIT], "journal_head": head, "active_source": active, "targets": targets, "events": []}
+    )
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -235,8 +246,12 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     if raw is None:
         return default
     if not re.fullmatch(r"-?\d{1,18}", raw) or not lo <= int(raw) <= hi:
-        raise ApiError(400, "invalid_parameter", f"{name} must be an integer from {lo} to {hi}",
-                       fields={name: f"an integer from {lo} to {hi}"})
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"{name} must be an integer from {lo} to {hi}",
+            fields={name: f"an integer from {lo} to {hi}"},
+        )
     return int(raw)
 
 
@@ -250,8 +265,12 @@ def _decode_cursor(cursor: str) -> int:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
     if not text.startswith("id:") or not text[3:].isdigit():
-        raise ApiError(400, "invalid_parameter", "cursor is not one this node issued",
-                       fields={"cursor": "pass back next_cursor from the previous page unchanged"})
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            "cursor is not one this node issued",
+            fields={"cursor": "pass back next_cursor from the previous page unchanged"},
+        )
     return int(text[3:])
 
 
@@ -267,8 +286,12 @@ def _parse_since(raw: str) -> str:
             if dt.tzinfo is None:
                 dt = dt.replace(tzinfo=UTC)
     except ValueError as exc:
-        raise ApiError(400, "invalid_parameter", "updated_since must be ISO 8601 or yyyyMMddHHmmss",
-                       fields={"updated_since": "ISO 8601 (e.g. 2026-11-22T08:00:00+07:00) or yyyyMMddHHmmss"}) from exc
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            "updated_since must be ISO 8601 or yyyyMMddHHmmss",
+            fields={"updated_since": "ISO 8601 (e.g. 2026-11-22T08:00:00+07:00) or yyyyMMddHHmmss"},
+        ) from exc
     return iso(dt)
 
 
@@ -278,16 +301,24 @@ _LIST_PARAMS = {"status", "competent_unit", "updated_since", "limit", "cursor"}
 async def list_dossiers(request: web.Request) -> web.Response:
     unknown = set(request.query) - _LIST_PARAMS
     if unknown:
-        raise ApiError(400, "invalid_parameter", f"unknown query parameter(s): {', '.join(sorted(unknown))}",
-                       fields={u: "unknown parameter" for u in unknown})
+        raise ApiError(
+            400,
+            "invalid_parameter",
+            f"unknown query parameter(s): {', '.join(sorted(unknown))}",
+            fields={u: "unknown parameter" for u in unknown},
+        )
     where, params = ["1 = 1"], []
     if "status" in request.query:
         where.append("status = ?")
         params.append(_int_param(request, "status", 0, 1, 10))
     if unit := request.query.get("competent_unit"):
         if not re.fullmatch(r"\d{5}", unit):
-            raise ApiError(400, "invalid_parameter", "competent_unit must be a 5-digit unit code",
-                           fields={"competent_unit": "a 5-digit unit code"})
+            raise ApiError(
+                400,
+                "invalid_parameter",
+                "competent_unit must be a 5-digit unit code",
+                fields={"competent_unit": "a 5-digit unit code"},
+            )
         where.append("competent_unit = ?")
         params.append(unit)
     if since := request.query.get("updated_since"):

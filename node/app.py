@@ -49,10 +49,7 @@ class Node:
     @property
     def ready(self) -> bool:
         return (
-            not self._stopping
-            and self.store.is_open
-            and self._writer_task is not None
-            and not self._writer_task.done()
+            not self._stopping and self.store.is_open and self._writer_task is not None and not self._writer_task.done()
         )
 
     async def __aenter__(self) -> Node:
@@ -62,12 +59,21 @@ class Node:
             await self.service.load()
             self.upstreams = self._given_upstreams if self._given_upstreams is not None else self._build_upstreams()
             rc = self.config.replication
-            settings = ReplicatorSettings(batch_size=rc.batch_size, max_attempts=rc.max_attempts,
-                                          retry_base_s=rc.retry_base_s, retry_cap_s=rc.retry_cap_s)
+            settings = ReplicatorSettings(
+                batch_size=rc.batch_size,
+                max_attempts=rc.max_attempts,
+                retry_base_s=rc.retry_base_s,
+                retry_cap_s=rc.retry_cap_s,
+            )
             for upstream in self.upstreams:
                 rep = Replicator(self.store, upstream, clock=self.clock, settings=settings)
-                loop = Loop(f"push:{upstream.name}", rep.run_once, tick_s=rc.tick_s,
-                            backoff_base_s=rc.retry_base_s, backoff_cap_s=rc.retry_cap_s)
+                loop = Loop(
+                    f"push:{upstream.name}",
+                    rep.run_once,
+                    tick_s=rc.tick_s,
+                    backoff_base_s=rc.retry_base_s,
+                    backoff_cap_s=rc.retry_cap_s,
+                )
                 self.service.listeners.append(loop.wake)
                 self.replicators[upstream.name], self.loops[upstream.name] = rep, loop
             await self._seed_counters()
@@ -81,8 +87,13 @@ class Node:
             await self.store.close()
             raise
         unit = get_unit(self.config.node.unit)
-        log.info("node_started", unit_name=unit.name if unit else None, store=str(self.config.db_path),
-                 client_id=self.service.client_id, journal_head=self.service.journal_head)
+        log.info(
+            "node_started",
+            unit_name=unit.name if unit else None,
+            store=str(self.config.db_path),
+            client_id=self.service.client_id,
+            journal_head=self.service.journal_head,
+        )
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -98,18 +109,32 @@ class Node:
         self._http = aiohttp.ClientSession()
         ups: list[Upstream] = []
         if (n := self.config.national) is not None:
-            ups.append(NationalAdapter(n.url, username=n.username, password=n.password, dstcode=n.dstcode,
-                                       madonvi=n.madonvi, session=self._http, timeout_s=n.timeout_s))
+            ups.append(
+                NationalAdapter(
+                    n.url,
+                    username=n.username,
+                    password=n.password,
+                    dstcode=n.dstcode,
+                    madonvi=n.madonvi,
+                    session=self._http,
+                    timeout_s=n.timeout_s,
+                )
+            )
         if (c := self.config.city) is not None:
-            ups.append(CityAdapter(c.url, client_id=c.client_id, client_secret=c.client_secret, session=self._http,
-                                   timeout_s=c.timeout_s))
+            ups.append(
+                CityAdapter(
+                    c.url,
+                    client_id=c.client_id,
+                    client_secret=c.client_secret,
+                    session=self._http,
+                    timeout_s=c.timeout_s,
+                )
+            )
         return ups
 
     async def _seed_counters(self) -> None:
         """On an empty store, start the day counters past every code the upstreams hold for this unit."""
-        row = await self.store.fetchone(
-            "SELECT (SELECT count(*) FROM dossiers) + (SELECT count(*) FROM day_counters)"
-        )
+        row = await self.store.fetchone("SELECT (SELECT count(*) FROM dossiers) + (SELECT count(*) FROM day_counters)")
         if not self.upstreams or (row is not None and row[0]):
             return
         codes: list[str] = []
@@ -133,7 +158,7 @@ class Node:
         for upstream in self.upstreams:
             try:
                 await upstream.close()
-            except Exception as exc:  # noqa: BLE001 - every upstream gets its close attempt
+            except Exception as exc:
                 log.warning("upstream_close_failed", target=upstream.name, error=str(exc))
         if self._http is not None:
             await self._http.close()
@@ -181,8 +206,9 @@ def build_app(node: Node) -> web.Application:
 async def serve(config: Config, *, stop: asyncio.Event, announce: Any = print, clock: Clock | None = None) -> None:
     """Run a node until ``stop`` is set; then stop accepting, finish in-flight requests, close the store."""
     async with Node(config, clock=clock) as node:
-        runner = web.AppRunner(node.app, handle_signals=False, access_log=None,
-                               shutdown_timeout=config.node.shutdown_timeout_s)
+        runner = web.AppRunner(
+            node.app, handle_signals=False, access_log=None, shutdown_timeout=config.node.shutdown_timeout_s
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)

@@ -97,12 +97,14 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     if args.system == "national":
         from simulations.national_portal import serve as serve_national
 
-        return _run_until_signal(lambda stop: serve_national(host, port, Path(args.data_dir), stop,
-                                                             announce=lambda m: print(m, flush=True)))
+        return _run_until_signal(
+            lambda stop: serve_national(host, port, Path(args.data_dir), stop, announce=lambda m: print(m, flush=True))
+        )
     from simulations.city_system import serve as serve_city
 
-    return _run_until_signal(lambda stop: serve_city(host, port, Path(args.data_dir), stop,
-                                                     announce=lambda m: print(m, flush=True)))
+    return _run_until_signal(
+        lambda stop: serve_city(host, port, Path(args.data_dir), stop, announce=lambda m: print(m, flush=True))
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -111,9 +113,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     configure("warning", "auto")
     host, port = split_listen(args.listen)
-    return _run_until_signal(lambda stop: run_demo(Path(args.data_dir), host=host, port=port,
-                                                   dossiers=args.dossiers, stop=stop,
-                                                   announce=lambda m: print(m, flush=True)))
+    return _run_until_signal(
+        lambda stop: run_demo(
+            Path(args.data_dir),
+            host=host,
+            port=port,
+            dossiers=args.dossiers,
+            stop=stop,
+            announce=lambda m: print(m, flush=True),
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -291,7 +291,9 @@ def render_config(
     """A commented configuration file for ``wardsync init``."""
     u = get_unit(unit)
     name = u.name if u else "?"
-    return _render_node(unit, agency_code, listen, data_dir, name) + _render_targets(agency_code, national_url, city_url)
+    return _render_node(unit, agency_code, listen, data_dir, name) + _render_targets(
+        agency_code, national_url, city_url
+    )
 
 
 def _render_targets(agency_code: str, national_url: str | None, city_url: str | None) -> str:

@@ -55,12 +55,19 @@ async def _counts(http: aiohttp.ClientSession, node: str, national: str, city: s
     return f"node {local} · national portal {await n_upstream(national)} · city system {await n_upstream(city)}"
 
 
-async def run_demo(base: Path, *, host: str = "127.0.0.1", port: int = 8080, dossiers: int = 5,
-                   stop: asyncio.Event, announce: Any = print) -> None:
+async def run_demo(
+    base: Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    dossiers: int = 5,
+    stop: asyncio.Event,
+    announce: Any = print,
+) -> None:
     from node.app import serve as serve_node
     from simulations import city_system, national_portal
 
-    base.mkdir(parents=True, exist_ok=True)
+    base.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once at start, before anything is served
     ports_file = base / "ports.json"
     ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
     nport = ports.get("national") or free_port(host)
@@ -68,8 +75,16 @@ async def run_demo(base: Path, *, host: str = "127.0.0.1", port: int = 8080, dos
     ports_file.write_text(json.dumps({"national": nport, "city": cport}))
     national_url, city_url = f"http://{host}:{nport}", f"http://{host}:{cport}"
     cfg = base / "wardsync.toml"
-    cfg.write_text(render_config(unit=DEMO_UNIT, agency_code=DEMO_AGENCY, listen=f"{host}:{port}",
-                                 data_dir=str(base / "node"), national_url=national_url, city_url=city_url))
+    cfg.write_text(
+        render_config(
+            unit=DEMO_UNIT,
+            agency_code=DEMO_AGENCY,
+            listen=f"{host}:{port}",
+            data_dir=str(base / "node"),
+            national_url=national_url,
+            city_url=city_url,
+        )
+    )
     config = load_config(cfg)
     node_url = f"http://{host}:{port}"
 
@@ -94,8 +109,10 @@ async def run_demo(base: Path, *, host: str = "127.0.0.1", port: int = 8080, dos
             announce(f"  curl -s {node_url}/api/v1/status")
             announce(f"  curl -s -X POST {node_url}/api/v1/dossiers -H 'Content-Type: application/json' \\")
             announce(f"       -d '{json.dumps(sample_intake(99), ensure_ascii=False)}'")
-            announce(f"  curl -s -X POST {national_url}/__faults -d '{{\"mode\": \"down\", \"seconds\": 30}}'"
-                     "   # take the portal down for 30 s")
+            announce(
+                f'  curl -s -X POST {national_url}/__faults -d \'{{"mode": "down", "seconds": 30}}\''
+                "   # take the portal down for 30 s"
+            )
             announce("Press Ctrl-C to stop.")
             while not stop.is_set():
                 with contextlib.suppress(aiohttp.ClientError, KeyError, ValueError):

@@ -18,10 +18,27 @@ from node.domain.validation import (
 )
 
 _DT = {"type": "string", "pattern": "^[0-9]{14}$", "description": "yyyyMMddHHmmss, Asia/Ho_Chi_Minh"}
-_INT_FIELDS = {"KenhThucHien", "LoaiDoiTuong", "HinhThuc", "TrangThai", "DuocSoHoa", "HinhThucThu", "Gia",
-               "LoaiPhiLePhi", "TrangThaiHoSo", "TrangThaiPhiDiaGioi"}
-_DT_FIELDS = {"NgayHenTra", "NgayTiepNhan", "NgayTra", "NgayKetThucXuLy", "ThoiDiemXuLy", "NgayBatDau",
-              "NgayKetThucTheoQuyDinh"}
+_INT_FIELDS = {
+    "KenhThucHien",
+    "LoaiDoiTuong",
+    "HinhThuc",
+    "TrangThai",
+    "DuocSoHoa",
+    "HinhThucThu",
+    "Gia",
+    "LoaiPhiLePhi",
+    "TrangThaiHoSo",
+    "TrangThaiPhiDiaGioi",
+}
+_DT_FIELDS = {
+    "NgayHenTra",
+    "NgayTiepNhan",
+    "NgayTra",
+    "NgayKetThucXuLy",
+    "ThoiDiemXuLy",
+    "NgayBatDau",
+    "NgayKetThucTheoQuyDinh",
+}
 
 
 def _props(names: frozenset[str], nested: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -39,8 +56,12 @@ def _props(names: frozenset[str], nested: dict[str, Any] | None = None) -> dict[
 
 
 def _obj(names: frozenset[str], required: frozenset[str], nested: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"type": "object", "additionalProperties": False, "required": sorted(required),
-            "properties": _props(names, nested)}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": sorted(required),
+        "properties": _props(names, nested),
+    }
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -59,17 +80,27 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Body larger than the configured limit",
         415: "Body is not application/json",
         422: "Validation failed (`error.fields` maps each invalid field to what is wrong) or Idempotency-Key "
-             "reused with a different body",
+        "reused with a different body",
         503: "Store unavailable or node not ready",
         507: "The disk holding the store is full; nothing was written",
     }
     return {str(s): {"description": text[s], **_json(_ref("Error"))} for s in statuses}
 
 
-_IDEM = {"name": "Idempotency-Key", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 200},
-         "description": "A retry with the same key and body returns the first response; another body gets a 422."}
-_CODE = {"name": "code", "in": "path", "required": True, "schema": {"type": "string"},
-         "description": "Dossier code {agency}-{YYMMDD}-{NNNN}"}
+_IDEM = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 200},
+    "description": "A retry with the same key and body returns the first response; another body gets a 422.",
+}
+_CODE = {
+    "name": "code",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "Dossier code {agency}-{YYMMDD}-{NNNN}",
+}
 
 
 @functools.cache
@@ -77,10 +108,14 @@ def openapi_document() -> dict[str, Any]:
     step = _obj(STEP_FIELDS, STEP_REQUIRED)
     fee = _obj(FEE_FIELDS, FEE_REQUIRED)
     document = _obj(DOCUMENT_FIELDS, DOCUMENT_REQUIRED)
-    intake = _obj(INTAKE_FIELDS, INTAKE_REQUIRED, {
-        "TaiLieuNop": {"type": "array", "items": _ref("Document")},
-        "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
-    })
+    intake = _obj(
+        INTAKE_FIELDS,
+        INTAKE_REQUIRED,
+        {
+            "TaiLieuNop": {"type": "array", "items": _ref("Document")},
+            "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
+        },
+    )
     dossier = {
         "type": "object",
         "description": "The dossier's DVCQG-shaped record plus its digest.",
@@ -98,68 +133,112 @@ def openapi_document() -> dict[str, Any]:
             "TaiLieuNop": {"type": "array", "items": _ref("Document")},
             "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
             "digest": {"type": "string", "description": "sha256 of the record's canonical JSON"},
-            "replication": {"type": "object", "description": "Per target: state, acked_digest, attempts, "
-                            "last_error, updated_at (GET of one dossier only)"},
-            "conflicts": {"type": "array", "items": {"type": "object"},
-                          "description": "Steps skipped as illegal in the merged order"},
+            "replication": {
+                "type": "object",
+                "description": "Per target: state, acked_digest, attempts, "
+                "last_error, updated_at (GET of one dossier only)",
+            },
+            "conflicts": {
+                "type": "array",
+                "items": {"type": "object"},
+                "description": "Steps skipped as illegal in the merged order",
+            },
         },
     }
     error = {
         "type": "object",
         "required": ["error"],
-        "properties": {"error": {"type": "object", "required": ["code", "message", "fields"], "properties": {
-            "code": {"type": "string"}, "message": {"type": "string"},
-            "fields": {"type": "object", "additionalProperties": {"type": "string"}},
-            "current": {"type": ["integer", "null"]},
-            "allowed": {"type": "array", "items": {"type": "integer"}},
-        }}},
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message", "fields"],
+                "properties": {
+                    "code": {"type": "string"},
+                    "message": {"type": "string"},
+                    "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+                    "current": {"type": ["integer", "null"]},
+                    "allowed": {"type": "array", "items": {"type": "integer"}},
+                },
+            }
+        },
     }
-    change = {"type": "object", "properties": {
-        "code": {"type": "string"}, "seq": {"type": "integer"}, "status": {"type": ["integer", "null"]},
-        "digest": {"type": "string"}, "updated_at": {"type": "string", "format": "date-time"}}}
+    change = {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string"},
+            "seq": {"type": "integer"},
+            "status": {"type": ["integer", "null"]},
+            "digest": {"type": "string"},
+            "updated_at": {"type": "string", "format": "date-time"},
+        },
+    }
     q = "query"
     return {
         "openapi": "3.1.0",
-        "info": {"title": "wardsync node API", "version": __version__,
-                 "description": "Offline-first intake of administrative-procedure dossiers at one unit."},
+        "info": {
+            "title": "wardsync node API",
+            "version": __version__,
+            "description": "Offline-first intake of administrative-procedure dossiers at one unit.",
+        },
         "paths": {
             "/api/v1/dossiers": {
                 "post": {
                     "summary": "Accept a dossier at the desk (201 only after it is durably stored)",
                     "parameters": [_IDEM],
                     "requestBody": {"required": True, **_json(_ref("Intake"))},
-                    "responses": {"201": {"description": "Accepted", **_json(_ref("Dossier"))},
-                                  **_errors(400, 413, 415, 422, 503, 507)},
+                    "responses": {
+                        "201": {"description": "Accepted", **_json(_ref("Dossier"))},
+                        **_errors(400, 413, 415, 422, 503, 507),
+                    },
                 },
                 "get": {
                     "summary": "List dossiers, oldest first, with cursor pagination",
                     "parameters": [
                         {"name": "status", "in": q, "schema": {"type": "integer", "minimum": 1, "maximum": 10}},
                         {"name": "competent_unit", "in": q, "schema": {"type": "string", "pattern": "^[0-9]{5}$"}},
-                        {"name": "updated_since", "in": q, "schema": {"type": "string"},
-                         "description": "ISO 8601 or yyyyMMddHHmmss"},
+                        {
+                            "name": "updated_since",
+                            "in": q,
+                            "schema": {"type": "string"},
+                            "description": "ISO 8601 or yyyyMMddHHmmss",
+                        },
                         {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
                         {"name": "cursor", "in": q, "schema": {"type": "string"}},
                     ],
-                    "responses": {"200": {"description": "A page", **_json({"type": "object", "properties": {
-                        "items": {"type": "array", "items": _ref("Dossier")},
-                        "next_cursor": {"type": ["string", "null"]}}})}, **_errors(400)},
+                    "responses": {
+                        "200": {
+                            "description": "A page",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "items": {"type": "array", "items": _ref("Dossier")},
+                                        "next_cursor": {"type": ["string", "null"]},
+                                    },
+                                }
+                            ),
+                        },
+                        **_errors(400),
+                    },
                 },
             },
             "/api/v1/dossiers/{code}": {
-                "get": {"summary": "One dossier", "parameters": [_CODE],
-                        "responses": {"200": {"description": "The dossier", **_json(_ref("Dossier"))},
-                                      **_errors(404)}},
+                "get": {
+                    "summary": "One dossier",
+                    "parameters": [_CODE],
+                    "responses": {"200": {"description": "The dossier", **_json(_ref("Dossier"))}, **_errors(404)},
+                },
             },
             "/api/v1/dossiers/{code}/steps": {
                 "post": {
                     "summary": "Append a processing step (QuaTrinhXuLy); the status follows the status machine",
                     "parameters": [_CODE, _IDEM],
                     "requestBody": {"required": True, **_json(_ref("Step"))},
-                    "responses": {"201": {"description": "Step added", **_json(_ref("Dossier"))},
-                                  "200": {"description": "The same step was already recorded",
-                                          **_json(_ref("Dossier"))},
-                                  **_errors(400, 404, 409, 413, 415, 422, 503, 507)},
+                    "responses": {
+                        "201": {"description": "Step added", **_json(_ref("Dossier"))},
+                        "200": {"description": "The same step was already recorded", **_json(_ref("Dossier"))},
+                        **_errors(400, 404, 409, 413, 415, 422, 503, 507),
+                    },
                 },
             },
             "/api/v1/dossiers/{code}/fees": {
@@ -167,50 +246,92 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Record a fee (DanhSachLePhi); fees are append-only",
                     "parameters": [_CODE, _IDEM],
                     "requestBody": {"required": True, **_json(_ref("Fee"))},
-                    "responses": {"201": {"description": "Fee added", **_json(_ref("Dossier"))},
-                                  "200": {"description": "The same fee was already recorded",
-                                          **_json(_ref("Dossier"))},
-                                  **_errors(400, 404, 409, 413, 415, 422, 503, 507)},
+                    "responses": {
+                        "201": {"description": "Fee added", **_json(_ref("Dossier"))},
+                        "200": {"description": "The same fee was already recorded", **_json(_ref("Dossier"))},
+                        **_errors(400, 404, 409, 413, 415, 422, 503, 507),
+                    },
                 },
             },
             "/api/v1/changes": {
                 "get": {
                     "summary": "Dossiers changed after a local sequence number, in sequence order",
-                    "parameters": [{"name": "since", "in": q, "schema": {"type": "integer", "minimum": 0}},
-                                   {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1}}],
-                    "responses": {"200": {"description": "Changes", **_json({"type": "object", "properties": {
-                        "items": {"type": "array", "items": _ref("Change")}, "next": {"type": "integer"}}})},
-                        **_errors(400)},
+                    "parameters": [
+                        {"name": "since", "in": q, "schema": {"type": "integer", "minimum": 0}},
+                        {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Changes",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "properties": {
+                                        "items": {"type": "array", "items": _ref("Change")},
+                                        "next": {"type": "integer"},
+                                    },
+                                }
+                            ),
+                        },
+                        **_errors(400),
+                    },
                 },
             },
             "/api/v1/status": {
-                "get": {"summary": "Replication state per target, journal head and the active source",
-                        "responses": {"200": {"description": "Status", **_json({"type": "object"})}}},
+                "get": {
+                    "summary": "Replication state per target, journal head and the active source",
+                    "responses": {"200": {"description": "Status", **_json({"type": "object"})}},
+                },
             },
             "/api/v1/dead-letters": {
                 "get": {
                     "summary": "Dossiers dead-lettered or parked, oldest first",
-                    "parameters": [{"name": "target", "in": q, "schema": {"type": "string"}},
-                                   {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1,
-                                                                          "maximum": 500}}],
-                    "responses": {"200": {"description": "Dead letters", **_json({"type": "object", "properties": {
-                        "items": {"type": "array", "items": {"type": "object"}}}})}, **_errors(400)},
+                    "parameters": [
+                        {"name": "target", "in": q, "schema": {"type": "string"}},
+                        {"name": "limit", "in": q, "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+                    ],
+                    "responses": {
+                        "200": {
+                            "description": "Dead letters",
+                            **_json(
+                                {
+                                    "type": "object",
+                                    "properties": {"items": {"type": "array", "items": {"type": "object"}}},
+                                }
+                            ),
+                        },
+                        **_errors(400),
+                    },
                 },
             },
             "/api/v1/dead-letters/{target}/{code}/retry": {
                 "post": {
                     "summary": "Send a dead-lettered or parked dossier to its target again",
-                    "parameters": [{"name": "target", "in": "path", "required": True, "schema": {"type": "string"}},
-                                   _CODE],
-                    "responses": {"202": {"description": "Queued again", **_json({"type": "object"})},
-                                  **_errors(404)},
+                    "parameters": [
+                        {"name": "target", "in": "path", "required": True, "schema": {"type": "string"}},
+                        _CODE,
+                    ],
+                    "responses": {"202": {"description": "Queued again", **_json({"type": "object"})}, **_errors(404)},
                 },
             },
             "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
-            "/readyz": {"get": {"summary": "The node accepts dossiers",
-                                "responses": {"200": {"description": "ready"}, **_errors(503)}}},
+            "/readyz": {
+                "get": {
+                    "summary": "The node accepts dossiers",
+                    "responses": {"200": {"description": "ready"}, **_errors(503)},
+                }
+            },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
         },
-        "components": {"schemas": {"Intake": intake, "Step": step, "Fee": fee, "Document": document,
-                                   "Dossier": dossier, "Error": error, "Change": change}},
+        "components": {
+            "schemas": {
+                "Intake": intake,
+                "Step": step,
+                "Fee": fee,
+                "Document": document,
+                "Dossier": dossier,
+                "Error": error,
+                "Change": change,
+            }
+        },
     }

@@ -234,9 +234,7 @@ class DossierService:
         for i, k in keyed:
             prev = stored.get((k.scope, k.key))
             if prev is not None:
-                results[i] = (
-                    Result(prev[1], prev[2]) if prev[0] == k.request_hash else _idem_mismatch(k)
-                )
+                results[i] = Result(prev[1], prev[2]) if prev[0] == k.request_hash else _idem_mismatch(k)
             elif (k.scope, k.key) in leaders:
                 followers[i] = leaders[(k.scope, k.key)]
                 results[i] = _PENDING
@@ -306,8 +304,13 @@ class DossierService:
         fees = clean.pop("DanhSachLePhi", None) or []
         officer = clean.pop("NguoiTiepNhan", None) or DEFAULT_OFFICER
         competent = clean.get("MaDonViXuLy") or self.unit
-        fields = {**clean, "MaHoSo": code, "NgayTiepNhan": received, "MaDonViTiepNhan": self.unit,
-                  "MaDonViXuLy": competent}
+        fields = {
+            **clean,
+            "MaHoSo": code,
+            "NgayTiepNhan": received,
+            "MaDonViTiepNhan": self.unit,
+            "MaDonViXuLy": competent,
+        }
         if competent != self.unit:
             fields["TrangThaiPhiDiaGioi"] = 1  # received here, to be forwarded to the competent unit
         step = {
@@ -336,8 +339,19 @@ class DossierService:
         seq = self._next_seq()
         batch.journal.append((seq, code, update, at))
         # A new Doc's first update is its whole state.
-        batch.inserts[code] = (code, self.unit, competent, record["TrangThaiHoSo"], update, record_json, digest,
-                               _dumps(conflicts), at, at, seq)
+        batch.inserts[code] = (
+            code,
+            self.unit,
+            competent,
+            record["TrangThaiHoSo"],
+            update,
+            record_json,
+            digest,
+            _dumps(conflicts),
+            at,
+            at,
+            seq,
+        )
         batch.touched.add(code)
         self._remember(code, _Entry(doc, record))
         return Result(201, response_body(record_json, digest))
@@ -355,8 +369,16 @@ class DossierService:
         at = iso(now)
         seq = self._next_seq()
         batch.journal.append((seq, code, update, at))
-        row = (record["TrangThaiHoSo"], entry.doc.get_update(), record_json, digest, _dumps(conflicts), at, seq,
-               record.get("MaDonViXuLy") or self.unit)
+        row = (
+            record["TrangThaiHoSo"],
+            entry.doc.get_update(),
+            record_json,
+            digest,
+            _dumps(conflicts),
+            at,
+            seq,
+            record.get("MaDonViXuLy") or self.unit,
+        )
         if code in batch.inserts:
             ins = batch.inserts[code]
             batch.inserts[code] = (*ins[:3], row[0], row[1], row[2], row[3], row[4], ins[8], at, seq)
@@ -440,7 +462,8 @@ class DossierService:
                     batch.idem,
                 )
             await conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('hlc', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO meta (key, value) VALUES ('hlc', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (self.hlc.last.encode(),),
             )
 

@@ -70,14 +70,17 @@ class Loop:
                 if isinstance(exc, UpstreamError) and exc.retry_after:
                     delay = max(delay, min(exc.retry_after, self.backoff_cap_s))
                 if self.errors == 1 or self.errors % 20 == 0:
-                    log.warning("loop_error", loop=self.name, errors=self.errors, error=self.last_error,
-                                retry_in_s=round(delay, 3))
+                    log.warning(
+                        "loop_error",
+                        loop=self.name,
+                        errors=self.errors,
+                        error=self.last_error,
+                        retry_in_s=round(delay, 3),
+                    )
                 # Errors back off on the timer only: a notification must not turn a failing upstream
                 # into a busy loop.
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
                 continue
             if self.errors:
                 log.info("loop_recovered", loop=self.name, after_errors=self.errors)

@@ -65,8 +65,14 @@ class ReplicatorSettings:
 class Replicator:
     """Pushes every change in the journal to one upstream."""
 
-    def __init__(self, store: Store, upstream: Upstream, *, clock: Clock | None = None,
-                 settings: ReplicatorSettings | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        upstream: Upstream,
+        *,
+        clock: Clock | None = None,
+        settings: ReplicatorSettings | None = None,
+    ) -> None:
         self.store = store
         self.upstream = upstream
         self.target = upstream.name
@@ -119,7 +125,9 @@ class Replicator:
                     continue
                 if rstate in ("dead", "parked") and rdigest == digest:
                     continue  # given up on this exact content; a change or an explicit retry revives it
-                out.append(Outgoing(code, json.loads(record), digest, bytes(state), None if ack is None else bytes(ack)))
+                out.append(
+                    Outgoing(code, json.loads(record), digest, bytes(state), None if ack is None else bytes(ack))
+                )
         return out
 
     async def _push(self, chunk: list[Outgoing]) -> list[PushResult]:
@@ -136,8 +144,13 @@ class Replicator:
         counts: dict[str, int] = {}
         for r in results:
             counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-        log.info("push_batch", target=self.target, size=len(chunk), ms=round((time.perf_counter() - started) * 1000, 1),
-                 **counts)
+        log.info(
+            "push_batch",
+            target=self.target,
+            size=len(chunk),
+            ms=round((time.perf_counter() - started) * 1000, 1),
+            **counts,
+        )
         return results
 
     async def _record(self, todo: list[Outgoing], results: list[PushResult], head: int) -> None:
@@ -154,16 +167,40 @@ class Replicator:
                 rows.append((self.target, r.code, "synced", o.digest, o.digest, r.ack, 0, None, 0, at))
             elif r.outcome in (Outcome.INVALID, Outcome.COLLISION):
                 log.error("dead_letter", target=self.target, code=r.code, reason=r.outcome.value, detail=r.detail)
-                rows.append((self.target, r.code, "dead", o.digest, None, r.ack or o.ack, 0,
-                             f"{r.outcome.value}: {r.detail}", 0, at))
+                rows.append(
+                    (
+                        self.target,
+                        r.code,
+                        "dead",
+                        o.digest,
+                        None,
+                        r.ack or o.ack,
+                        0,
+                        f"{r.outcome.value}: {r.detail}",
+                        0,
+                        at,
+                    )
+                )
             else:
                 attempts = prev.get(r.code, 0) + 1
                 parked = attempts >= self.settings.max_attempts
                 if parked:
                     log.error("parked", target=self.target, code=r.code, attempts=attempts, detail=r.detail)
                 delay_ms = int(min(self.settings.retry_cap_s, self.settings.retry_base_s * 2**attempts) * 1000)
-                rows.append((self.target, r.code, "parked" if parked else "pending", o.digest, None, r.ack or o.ack,
-                             attempts, r.detail if r.detail.startswith("retry") else f"retry: {r.detail}", now_ms + random.randint(0, delay_ms), at))
+                rows.append(
+                    (
+                        self.target,
+                        r.code,
+                        "parked" if parked else "pending",
+                        o.digest,
+                        None,
+                        r.ack or o.ack,
+                        attempts,
+                        r.detail if r.detail.startswith("retry") else f"retry: {r.detail}",
+                        now_ms + random.randint(0, delay_ms),
+                        at,
+                    )
+                )
         async with self.store.transaction() as conn:
             if rows:
                 await conn.executemany(
@@ -217,8 +254,16 @@ class Replicator:
         if oldest and oldest[0]:
             from datetime import datetime
 
-            lag_s = max(0.0, self.clock.now().timestamp() - datetime.fromisoformat(oldest[0].replace("Z", "+00:00"))
-                        .timestamp())
+            lag_s = max(
+                0.0, self.clock.now().timestamp() - datetime.fromisoformat(oldest[0].replace("Z", "+00:00")).timestamp()
+            )
         pending, dead, parked = (int(x or 0) for x in (row or (0, 0, 0)))
-        return {"cursor": cursor, "lag_records": max(0, journal_head - cursor) + pending, "lag_seconds": round(lag_s, 3),
-                "pending": pending, "dead": dead, "parked": parked, "last_ok_at": self.last_ok_at}
+        return {
+            "cursor": cursor,
+            "lag_records": max(0, journal_head - cursor) + pending,
+            "lag_seconds": round(lag_s, 3),
+            "pending": pending,
+            "dead": dead,
+            "parked": parked,
+            "last_ok_at": self.last_ok_at,
+        }

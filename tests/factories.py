@@ -42,12 +42,25 @@ def base_fields(code: str, *, unit: str = UNIT, competent: str | None = None, **
 
 
 def step(code: str, status: int, at: str, officer: str = "Lê Thị Bình", note: str = "") -> dict[str, Any]:
-    return {"MaHoSo": code, "NguoiXuLy": officer, "ThoiDiemXuLy": at, "TrangThai": status,
-            "NoiDungXuLy": note or f"Chuyển trạng thái {status}", "PhongBanXuLy": "Bộ phận Một cửa"}
+    return {
+        "MaHoSo": code,
+        "NguoiXuLy": officer,
+        "ThoiDiemXuLy": at,
+        "TrangThai": status,
+        "NoiDungXuLy": note or f"Chuyển trạng thái {status}",
+        "PhongBanXuLy": "Bộ phận Một cửa",
+    }
 
 
-def new_dossier(code: str, *, client_id: int = 4242, unit: str = UNIT, competent: str | None = None,
-                statuses: tuple[int, ...] = (2,), **extra: Any) -> Doc:
+def new_dossier(
+    code: str,
+    *,
+    client_id: int = 4242,
+    unit: str = UNIT,
+    competent: str | None = None,
+    statuses: tuple[int, ...] = (2,),
+    **extra: Any,
+) -> Doc:
     """A Doc as a node's intake builds it, with steps for ``statuses`` (legal in that order)."""
     d = ydoc.new_doc(code, client_id)
     fields = base_fields(code, unit=unit, competent=competent, **extra)

@@ -20,8 +20,14 @@ TARGETS = ("national", "city")
 
 def make_adapter(target: str, ups: Upstreams) -> Upstream:
     if target == "national":
-        return NationalAdapter(ups.national_url, username=DEMO_USERNAME, password=DEMO_PASSWORD,
-                               dstcode=factories.AGENCY, madonvi=factories.AGENCY, timeout_s=1.0)
+        return NationalAdapter(
+            ups.national_url,
+            username=DEMO_USERNAME,
+            password=DEMO_PASSWORD,
+            dstcode=factories.AGENCY,
+            madonvi=factories.AGENCY,
+            timeout_s=1.0,
+        )
     return CityAdapter(ups.city_url, client_id=DEMO_CLIENT_ID, client_secret=DEMO_CLIENT_SECRET, timeout_s=1.0)
 
 
@@ -80,8 +86,9 @@ class TestUpstreamContract:
         async with adapter_for(target, tmp_path) as (adapter, ups):
             good = factories.new_dossier(factories.code(1))
             bad = factories.new_dossier(factories.code(2), ChuHoSo="")
-            results = {r.code: r.outcome for r in await adapter.push([factories.outgoing(good),
-                                                                        factories.outgoing(bad)])}
+            results = {
+                r.code: r.outcome for r in await adapter.push([factories.outgoing(good), factories.outgoing(bad)])
+            }
             assert results == {str(good.guid): Outcome.ACKED, str(bad.guid): Outcome.INVALID}
             assert set(await ups.dossiers(target, factories.UNIT)) == {str(good.guid)}
 

@@ -20,9 +20,22 @@ class TestDemo:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("WARDSYNC_")}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "node", "demo", "--listen", f"127.0.0.1:{port}", "--data-dir",
-             str(tmp_path / "demo"), "--dossiers", "3"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+            [
+                sys.executable,
+                "-m",
+                "node",
+                "demo",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--data-dir",
+                str(tmp_path / "demo"),
+                "--dossiers",
+                "3",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
         )
         lines: list[str] = []
         try:

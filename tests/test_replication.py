@@ -25,8 +25,13 @@ TARGETS = ("national", "city")
 
 def replicated_config(tmp_path: Path, ups: Upstreams, **node: Any) -> Config:
     overrides: dict[str, Any] = {
-        "node": {"unit": UNIT, "agency_code": AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "node"),
-                 **node},
+        "node": {
+            "unit": UNIT,
+            "agency_code": AGENCY,
+            "listen": "127.0.0.1:0",
+            "data_dir": str(tmp_path / "node"),
+            **node,
+        },
         **target_overrides(ups, timeout_s=1.0),
     }
     return load_config(env={}, overrides=overrides)
@@ -42,9 +47,9 @@ async def node_digests(node: Node) -> dict[str, str]:
     return {r[0]: r[1] for r in await node.store.fetchall("SELECT code, digest FROM dossiers")}
 
 
-async def wait_converged(node: Node, ups: Upstreams, timeout: float = 30.0) -> dict[str, str]:
+async def wait_converged(node: Node, ups: Upstreams, within_s: float = 30.0) -> dict[str, str]:
     """Until both stand-ins hold exactly the node's digests for every dossier of the unit."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while True:
         local_digests = await node_digests(node)
         remote = {t: await ups.dossiers(t, UNIT) for t in TARGETS}
@@ -52,7 +57,7 @@ async def wait_converged(node: Node, ups: Upstreams, timeout: float = 30.0) -> d
             return local_digests
         if time.monotonic() > deadline:
             missing = {t: len(set(local_digests.items()) - set(remote[t].items())) for t in TARGETS}
-            raise AssertionError(f"not converged after {timeout} s; differing per target: {missing}")
+            raise AssertionError(f"not converged after {within_s} s; differing per target: {missing}")
         await asyncio.sleep(0.2)
 
 
@@ -66,8 +71,9 @@ async def post_workload(url: str, s: aiohttp.ClientSession, n: int, *, start: in
             codes.append(code)
         if i % 2 == 0:
             for status in (4, 9):
-                async with s.post(f"{url}/api/v1/dossiers/{code}/steps",
-                                  json={"TrangThai": status, "NguoiXuLy": "Trần Văn Cường"}) as r:
+                async with s.post(
+                    f"{url}/api/v1/dossiers/{code}/steps", json={"TrangThai": status, "NguoiXuLy": "Trần Văn Cường"}
+                ) as r:
                     assert r.status == 201, await r.text()
     return codes
 
@@ -131,7 +137,7 @@ class TestFaults:
             await asyncio.sleep(1.0)
             await post_workload(url, s, 4, start=16)
             await ups.clear(target)
-            digests = await wait_converged(node, ups, timeout=40)
+            digests = await wait_converged(node, ups, within_s=40)
             assert len(digests) == 20
             await no_duplicates(ups)
 
@@ -158,10 +164,12 @@ class TestCollision:
         async with running_upstreams(tmp_path) as ups:
             day = local(Clock().now()).strftime("%y%m%d")
             taken = factories.code(1, day)
-            other = factories.new_dossier(taken, unit=factories.OTHER_UNIT, SoGiayToChuHoSo="079000000001",
-                                          ChuHoSo="Phạm Thị Khác")
-            adapter = NationalAdapter(ups.national_url, username=DEMO_USERNAME, password=DEMO_PASSWORD,
-                                      dstcode=AGENCY, madonvi=AGENCY)
+            other = factories.new_dossier(
+                taken, unit=factories.OTHER_UNIT, SoGiayToChuHoSo="079000000001", ChuHoSo="Phạm Thị Khác"
+            )
+            adapter = NationalAdapter(
+                ups.national_url, username=DEMO_USERNAME, password=DEMO_PASSWORD, dstcode=AGENCY, madonvi=AGENCY
+            )
             try:
                 [res] = await adapter.push([factories.outgoing(other)])
                 assert res.outcome.value == "acked"
@@ -169,7 +177,7 @@ class TestCollision:
                 await adapter.close()
             before = (await ups.dossiers("national", factories.OTHER_UNIT))[taken]
 
-            async with running_node(replicated_config(tmp_path, ups)) as (node, url, s):
+            async with running_node(replicated_config(tmp_path, ups)) as (_node, url, s):
                 [code] = await post_workload(url, s, 1, start=1)
                 assert code == taken  # the other unit's dossier is not in this unit's feed
                 deadline = time.monotonic() + 20
@@ -193,13 +201,14 @@ class TestSeeding:
         async with running_upstreams(tmp_path) as ups:
             day = local(Clock().now()).strftime("%y%m%d")
             existing = factories.new_dossier(factories.code(7, day))
-            adapter = NationalAdapter(ups.national_url, username=DEMO_USERNAME, password=DEMO_PASSWORD,
-                                      dstcode=AGENCY, madonvi=AGENCY)
+            adapter = NationalAdapter(
+                ups.national_url, username=DEMO_USERNAME, password=DEMO_PASSWORD, dstcode=AGENCY, madonvi=AGENCY
+            )
             try:
                 await adapter.push([factories.outgoing(existing)])
             finally:
                 await adapter.close()
-            async with running_node(replicated_config(tmp_path, ups)) as (node, url, s):
+            async with running_node(replicated_config(tmp_path, ups)) as (_node, url, s):
                 [code] = await post_workload(url, s, 1, start=1)
             assert code == factories.code(8, day)
 
@@ -211,9 +220,18 @@ class TestDeadLetterRetry:
         async with running_upstreams(tmp_path) as ups:
             overrides = target_overrides(ups, timeout_s=1.0)
             overrides["replication"] = {**overrides["replication"], "max_attempts": 2}
-            config = load_config(env={}, overrides={
-                "node": {"unit": UNIT, "agency_code": AGENCY, "listen": "127.0.0.1:0",
-                         "data_dir": str(tmp_path / "node")}, **overrides})
+            config = load_config(
+                env={},
+                overrides={
+                    "node": {
+                        "unit": UNIT,
+                        "agency_code": AGENCY,
+                        "listen": "127.0.0.1:0",
+                        "data_dir": str(tmp_path / "node"),
+                    },
+                    **overrides,
+                },
+            )
             await ups.fault("city", mode="partial", rate=1.0)
             async with running_node(config) as (node, url, s):
                 [code] = await post_workload(url, s, 1)

@@ -31,10 +31,18 @@ def _free_port() -> int:
 def _start(config: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARDSYNC_")}
     # Short backoff so recovery after the restart is quick.
-    env.update(WARDSYNC_REPLICATION_RETRY_BASE_S="0.05", WARDSYNC_REPLICATION_RETRY_CAP_S="0.5",
-               WARDSYNC_REPLICATION_TICK_S="0.2", WARDSYNC_LOG_LEVEL="warning")
-    return subprocess.Popen([sys.executable, "-m", "node", "serve", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env.update(
+        WARDSYNC_REPLICATION_RETRY_BASE_S="0.05",
+        WARDSYNC_REPLICATION_RETRY_CAP_S="0.5",
+        WARDSYNC_REPLICATION_TICK_S="0.2",
+        WARDSYNC_LOG_LEVEL="warning",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "node", "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def _ready(http: aiohttp.ClientSession, url: str) -> None:
@@ -63,8 +71,8 @@ async def _node_digests(http: aiohttp.ClientSession, url: str) -> dict[str, str]
             return out
 
 
-async def _converged(http: aiohttp.ClientSession, url: str, ups: Upstreams, timeout: float = 40) -> dict[str, str]:
-    deadline = time.monotonic() + timeout
+async def _converged(http: aiohttp.ClientSession, url: str, ups: Upstreams, within_s: float = 40) -> dict[str, str]:
+    deadline = time.monotonic() + within_s
     while True:
         local = await _node_digests(http, url)
         remote = {t: await ups.dossiers(t, UNIT) for t in TARGETS}
@@ -83,9 +91,16 @@ class TestKillDuringPush:
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
             config = tmp_path / "wardsync.toml"
-            config.write_text(render_config(unit=UNIT, agency_code=AGENCY, listen=f"127.0.0.1:{port}",
-                                            data_dir=str(tmp_path / "node"), national_url=ups.national_url,
-                                            city_url=ups.city_url))
+            config.write_text(
+                render_config(
+                    unit=UNIT,
+                    agency_code=AGENCY,
+                    listen=f"127.0.0.1:{port}",
+                    data_dir=str(tmp_path / "node"),
+                    national_url=ups.national_url,
+                    city_url=ups.city_url,
+                )
+            )
             acknowledged: dict[str, str] = {}
             async with aiohttp.ClientSession() as http:
                 for cycle in range(CYCLES):
@@ -101,8 +116,9 @@ class TestKillDuringPush:
                                 assert r.status == 201
                                 d = await r.json()
                             code = d["MaHoSo"]
-                            async with http.post(f"{url}/api/v1/dossiers/{code}/steps",
-                                                 json={"TrangThai": 4, "NguoiXuLy": "Lê Văn Tâm"}) as r:
+                            async with http.post(
+                                f"{url}/api/v1/dossiers/{code}/steps", json={"TrangThai": 4, "NguoiXuLy": "Lê Văn Tâm"}
+                            ) as r:
                                 assert r.status == 201
                                 acknowledged[code] = (await r.json())["digest"]
                         await asyncio.sleep(rng.uniform(0.3, 0.9))

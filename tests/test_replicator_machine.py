@@ -60,8 +60,9 @@ class ScriptedUpstream:
                     self.stored[o.code] = o.digest
                 results.append(PushResult(o.code, Outcome.ACKED, ack=o.digest.encode()))
         if self.mode == "lose_answer":
-            raise UpstreamError("connection reset after the upstream committed", upstream=self.name, op="push",
-                                retriable=True)
+            raise UpstreamError(
+                "connection reset after the upstream committed", upstream=self.name, op="push", retriable=True
+            )
         return results
 
     async def probe(self) -> None:
@@ -74,8 +75,12 @@ class ScriptedUpstream:
         return None
 
 
-@settings(max_examples=25, stateful_step_count=30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(
+    max_examples=25,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 class ReplicationMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -95,8 +100,13 @@ class ReplicationMachine(RuleBasedStateMachine):
         self.service = DossierService(self.store, unit=UNIT, agency=AGENCY, clock=Clock())
         self._run(self.service.load())
         self.writer = self.loop.create_task(self.service.writer.run())
-        self.rep = Replicator(self.store, self.upstream, settings=ReplicatorSettings(
-            batch_size=7, window=11, max_attempts=MAX_ATTEMPTS, call_attempts=1, retry_base_s=0, retry_cap_s=0))
+        self.rep = Replicator(
+            self.store,
+            self.upstream,
+            settings=ReplicatorSettings(
+                batch_size=7, window=11, max_attempts=MAX_ATTEMPTS, call_attempts=1, retry_base_s=0, retry_cap_s=0
+            ),
+        )
 
     def _close(self) -> None:
         self.service.writer.close()
@@ -170,8 +180,11 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     @invariant()
     def synced_means_upstream_holds_that_digest(self) -> None:
-        rows = self._run(self.store.fetchall(
-            "SELECT r.code, r.acked_digest FROM replication r WHERE r.state = 'synced' AND r.target = 'scripted'"))
+        rows = self._run(
+            self.store.fetchall(
+                "SELECT r.code, r.acked_digest FROM replication r WHERE r.state = 'synced' AND r.target = 'scripted'"
+            )
+        )
         for code, acked in rows:
             # The upstream may hold a newer digest (answer lost after it stored), never an unacked older one.
             assert code in self.upstream.stored
@@ -183,10 +196,13 @@ class ReplicationMachine(RuleBasedStateMachine):
         for _ in range(200):
             more = self._run(self.rep.run_once())
             self._run(self._make_pending_due())
-            pending = self._run(self.store.fetchone(
-                "SELECT count(*) FROM replication WHERE state = 'pending'"))
-            if not more and pending is not None and pending[0] == 0 and \
-                    self._run(self.rep.cursor()) == self.service.journal_head:
+            pending = self._run(self.store.fetchone("SELECT count(*) FROM replication WHERE state = 'pending'"))
+            if (
+                not more
+                and pending is not None
+                and pending[0] == 0
+                and self._run(self.rep.cursor()) == self.service.journal_head
+            ):
                 break
         return {r[0]: r[1] for r in self._run(self.store.fetchall("SELECT code, digest FROM dossiers"))}
 
@@ -194,8 +210,10 @@ class ReplicationMachine(RuleBasedStateMachine):
     def drain_then_check(self) -> None:
         """Once the upstream heals, every dossier not rejected nor parked is held upstream with its digest."""
         local = self.drain()
-        states = {r[0]: r[1] for r in self._run(self.store.fetchall(
-            "SELECT code, state FROM replication WHERE target = 'scripted'"))}
+        states = {
+            r[0]: r[1]
+            for r in self._run(self.store.fetchall("SELECT code, state FROM replication WHERE target = 'scripted'"))
+        }
         for code, digest in local.items():
             state = states.get(code)
             if state == "dead":

@@ -66,9 +66,19 @@ def target_overrides(ups: Upstreams, *, timeout_s: float = 2.0) -> dict[str, dic
     from node.config import DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, DEMO_PASSWORD, DEMO_USERNAME
 
     return {
-        "targets.national": {"url": ups.national_url, "username": DEMO_USERNAME, "password": DEMO_PASSWORD,
-                             "dstcode": "000.00.17.H29", "madonvi": "000.00.17.H29", "timeout_s": timeout_s},
-        "targets.city": {"url": ups.city_url, "client_id": DEMO_CLIENT_ID, "client_secret": DEMO_CLIENT_SECRET,
-                         "timeout_s": timeout_s},
+        "targets.national": {
+            "url": ups.national_url,
+            "username": DEMO_USERNAME,
+            "password": DEMO_PASSWORD,
+            "dstcode": "000.00.17.H29",
+            "madonvi": "000.00.17.H29",
+            "timeout_s": timeout_s,
+        },
+        "targets.city": {
+            "url": ups.city_url,
+            "client_id": DEMO_CLIENT_ID,
+            "client_secret": DEMO_CLIENT_SECRET,
+            "timeout_s": timeout_s,
+        },
         "replication": {"tick_s": 0.2, "retry_base_s": 0.05, "retry_cap_s": 0.5, "max_attempts": 50},
     }
