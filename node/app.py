@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import timedelta
 from typing import Any
 
 import aiohttp
@@ -20,6 +21,7 @@ from node.config import Config
 from node.registry import get_unit
 from node.service import DossierService
 from node.store import Store
+from sync import journal
 from sync.loop import Loop
 from sync.replicator import Replicator, ReplicatorSettings
 
@@ -82,6 +84,9 @@ class Node:
             self._writer_task = self._tasks.create_task(self.service.writer.run(), name="writer")
             for name, loop in self.loops.items():
                 self._tasks.create_task(loop.run(), name=f"push:{name}")
+            if self.replicators:
+                self.loops["prune"] = Loop("prune", self._prune, tick_s=600.0, backoff_cap_s=600.0)
+                self._tasks.create_task(self.loops["prune"].run(), name="prune")
         except BaseException:
             await self._close_upstreams()
             await self.store.close()
@@ -153,6 +158,13 @@ class Node:
         seeded = await self.service.seed_counters(codes)
         if seeded:
             log.info("seed_counters", days=seeded)
+
+    async def _prune(self) -> bool:
+        retention = timedelta(hours=self.config.replication.journal_retention_h)
+        pruned = await journal.prune(self.store, list(self.replicators), retention=retention, clock=self.clock)
+        if pruned:
+            log.info("journal_pruned", entries=pruned)
+        return False
 
     async def _close_upstreams(self) -> None:
         for upstream in self.upstreams:

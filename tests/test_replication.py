@@ -248,3 +248,46 @@ class TestDeadLetterRetry:
                 await wait_converged(node, ups)
                 async with s.get(f"{url}/api/v1/dead-letters") as r:
                     assert (await r.json())["items"] == []
+
+
+class TestJournalRetention:
+    """Entries every target acknowledged are pruned; later changes still replicate from the dossier rows."""
+
+    async def test_prune_then_keep_replicating(self, tmp_path: Path) -> None:
+        from datetime import timedelta
+
+        from sync import journal
+
+        async with cluster(tmp_path) as (node, url, s, ups):
+            codes = await post_workload(url, s, 8)
+            await wait_converged(node, ups)
+            before = await node.store.fetchone("SELECT count(*) FROM journal")
+            pruned = await journal.prune(
+                node.store, list(node.replicators), retention=timedelta(0), clock=Clock(timedelta(seconds=1))
+            )
+            after = await node.store.fetchone("SELECT count(*) FROM journal")
+            assert before is not None and after is not None
+            assert pruned == before[0] > 0 and after[0] == 0
+            async with s.post(
+                f"{url}/api/v1/dossiers/{codes[1]}/steps", json={"TrangThai": 4, "NguoiXuLy": "Trần Văn Cường"}
+            ) as r:
+                assert r.status == 201
+            await wait_converged(node, ups)
+
+    async def test_nothing_pruned_while_a_target_lags(self, tmp_path: Path) -> None:
+        from datetime import timedelta
+
+        from sync import journal
+
+        async with cluster(tmp_path) as (node, url, s, ups):
+            await ups.fault("city", mode="down")
+            await post_workload(url, s, 4)
+            await asyncio.sleep(0.5)
+            before = await node.store.fetchone("SELECT count(*) FROM journal")
+            await journal.prune(
+                node.store, list(node.replicators), retention=timedelta(0), clock=Clock(timedelta(seconds=1))
+            )
+            after = await node.store.fetchone("SELECT count(*) FROM journal")
+            assert before == after
+            await ups.clear("city")
+            await wait_converged(node, ups)
