@@ -307,7 +307,8 @@ async def list_dossiers(request: web.Request) -> web.Response:
             f"unknown query parameter(s): {', '.join(sorted(unknown))}",
             fields={u: "unknown parameter" for u in unknown},
         )
-    where, params = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
     if "status" in request.query:
         where.append("status = ?")
         params.append(_int_param(request, "status", 0, 1, 10))

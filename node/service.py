@@ -75,7 +75,7 @@ Op = Intake | AddStep | AddFee
 
 @dataclass
 class _Entry:
-    doc: Doc
+    doc: Doc[Any]
     record: dict[str, Any]
 
 
@@ -324,7 +324,7 @@ class DossierService:
         stamp = self.hlc.now().encode()
         doc = ydoc.new_doc(code, self.client_id)
 
-        def write(d: Doc) -> None:
+        def write(d: Doc[Any]) -> None:
             ydoc.put_fields(d, fields)
             ydoc.add_step(d, step, stamp)
             for item in documents:
@@ -407,7 +407,10 @@ class DossierService:
                 extra={"current": current, "allowed": allowed},
             )
         stamp = self.hlc.now().encode()
-        update = ydoc.change(entry.doc, lambda d: ydoc.add_step(d, step, stamp) and None)
+        def write(d: Doc[Any]) -> None:
+            ydoc.add_step(d, step, stamp)
+
+        update = ydoc.change(entry.doc, write)
         return self._commit_change(op.code, entry, update, batch, now)
 
     def _apply_fee(self, op: AddFee, batch: _Batch, now: Any) -> Result:
@@ -422,7 +425,10 @@ class DossierService:
                 f"fee {op.clean['MaPhiLePhi']!r} is already recorded with different values; fees are append-only",
                 fields={"MaPhiLePhi": "already recorded on this dossier"},
             )
-        update = ydoc.change(entry.doc, lambda d: ydoc.add_fee(d, op.clean) and None)
+        def write(d: Doc[Any]) -> None:
+            ydoc.add_fee(d, op.clean)
+
+        update = ydoc.change(entry.doc, write)
         return self._commit_change(op.code, entry, update, batch, now)
 
     def _current(self, entry: _Entry, status: int) -> Result:

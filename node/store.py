@@ -164,7 +164,7 @@ class Store:
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         async with self.reader.execute(sql, params) as cur:
-            return await cur.fetchone()  # type: ignore[no-any-return]  # aiosqlite types rows as Any
+            return await cur.fetchone()
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         async with self.reader.execute(sql, params) as cur:

@@ -16,21 +16,21 @@ from pycrdt import Doc, Map
 from sync.record import DOCUMENTS, FEES, FIELDS, HLC_FIELD, STEPS, step_key_of
 
 
-def new_doc(code: str, client_id: int) -> Doc:
-    doc: Doc = Doc(client_id=client_id, guid=code)
+def new_doc(code: str, client_id: int) -> Doc[Any]:
+    doc: Doc[Any] = Doc(client_id=client_id, guid=code)
     for name in (FIELDS, STEPS, DOCUMENTS, FEES):
         doc.get(name, type=Map)
     return doc
 
 
-def load_doc(code: str, state: bytes, client_id: int) -> Doc:
+def load_doc(code: str, state: bytes, client_id: int) -> Doc[Any]:
     """A Doc from its encoded state, writing under ``client_id`` from here on."""
     doc = new_doc(code, client_id)
     doc.apply_update(state)
     return doc
 
 
-def change(doc: Doc, fn: Callable[[Doc], None]) -> bytes:
+def change(doc: Doc[Any], fn: Callable[[Doc[Any]], None]) -> bytes:
     """Run ``fn`` in one Y transaction and return the update it produced (empty update if none)."""
     before = doc.get_state()
     with doc.transaction():
@@ -38,22 +38,24 @@ def change(doc: Doc, fn: Callable[[Doc], None]) -> bytes:
     return doc.get_update(before)
 
 
-def fields_map(doc: Doc) -> Map[Any]:
-    return doc.get(FIELDS, type=Map)
+def fields_map(doc: Doc[Any]) -> Map[Any]:
+    fields: Map[Any] = doc.get(FIELDS, type=Map)
+    return fields
 
 
-def steps_map(doc: Doc) -> Map[Any]:
-    return doc.get(STEPS, type=Map)
+def steps_map(doc: Doc[Any]) -> Map[Any]:
+    steps: Map[Any] = doc.get(STEPS, type=Map)
+    return steps
 
 
-def put_fields(doc: Doc, values: Mapping[str, Any]) -> None:
+def put_fields(doc: Doc[Any], values: Mapping[str, Any]) -> None:
     fields = fields_map(doc)
     for name, value in values.items():
         if value is not None and fields.get(name) != value:
             fields[name] = value
 
 
-def add_step(doc: Doc, step: Mapping[str, Any], stamp: str) -> str:
+def add_step(doc: Doc[Any], step: Mapping[str, Any], stamp: str) -> str:
     """Add a step under its natural key; a step already present is left as it is."""
     key = step_key_of(step)
     steps = steps_map(doc)
@@ -62,7 +64,7 @@ def add_step(doc: Doc, step: Mapping[str, Any], stamp: str) -> str:
     return key
 
 
-def add_document(doc: Doc, document: Mapping[str, Any]) -> str:
+def add_document(doc: Doc[Any], document: Mapping[str, Any]) -> str:
     key = str(document["TepDinhKemId"])
     docs = doc.get(DOCUMENTS, type=Map)
     if key not in docs:
@@ -70,7 +72,7 @@ def add_document(doc: Doc, document: Mapping[str, Any]) -> str:
     return key
 
 
-def add_fee(doc: Doc, fee: Mapping[str, Any]) -> str:
+def add_fee(doc: Doc[Any], fee: Mapping[str, Any]) -> str:
     key = str(fee["MaPhiLePhi"])
     fees = doc.get(FEES, type=Map)
     if key not in fees:
@@ -78,5 +80,5 @@ def add_fee(doc: Doc, fee: Mapping[str, Any]) -> str:
     return key
 
 
-def get_fee(doc: Doc, key: str) -> Any:
+def get_fee(doc: Doc[Any], key: str) -> Any:
     return doc.get(FEES, type=Map).get(key)

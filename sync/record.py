@@ -68,7 +68,7 @@ def _ordered_steps(steps: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return items
 
 
-def materialise(doc: Doc) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def materialise(doc: Doc[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The DVCQG-shaped record of a Doc and the steps skipped as illegal in the merged order."""
     fields = normalise(doc.get(FIELDS, type=Map).to_py() or {})
     steps = _ordered_steps(doc.get(STEPS, type=Map).to_py() or {})
@@ -110,7 +110,7 @@ def build_record(
     return record, conflicts
 
 
-def record_from_doc(doc: Doc) -> dict[str, Any]:
+def record_from_doc(doc: Doc[Any]) -> dict[str, Any]:
     """The DVCQG-shaped record: fields, boundary-free fields, derived status, steps, documents, fees."""
     return materialise(doc)[0]
 
