@@ -15,6 +15,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -227,3 +228,11 @@ class ReplicationMachine(RuleBasedStateMachine):
 
 
 TestReplicationMachine = ReplicationMachine.TestCase
+
+
+@pytest.mark.slow
+class TestReplicationMachineLong(ReplicationMachine.TestCase):  # type: ignore[misc,valid-type]
+    """The same machine, many more and longer runs (``-m slow``)."""
+
+    settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
