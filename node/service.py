@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import secrets
+import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from node.store import GroupCommit, Store
 from sync import doc as ydoc
 from sync.hlc import HLC, Stamp
 from sync.record import digest as _digest
-from sync.record import materialise, normalise, step_key_of
+from sync.record import HLC_FIELD, build_record, materialise, normalise, step_key_of
 
 log = structlog.get_logger()
 
@@ -127,8 +128,9 @@ class DossierService:
         if cid is None:
             # 53 bits: a Y client id must survive a round trip through a JavaScript number.
             new_id = secrets.randbelow(_MAX_CLIENT_ID - 1) + 1
-            async with self.store.transaction() as conn:
-                await conn.execute("INSERT INTO meta (key, value) VALUES ('client_id', ?)", (str(new_id),))
+            await self.store.write(
+                lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('client_id', ?)", (str(new_id),))
+            )
             cid = str(new_id)
         self.client_id = int(cid)
         await self._reload()
@@ -136,11 +138,10 @@ class DossierService:
     async def _reload(self) -> None:
         hlc = await self.store.get_meta("hlc")
         self.hlc.reset(Stamp.decode(hlc) if hlc else Stamp(0, 0))
-        async with self.store.writer.execute(
+        row = await self.store.fetchone(
             "SELECT max(coalesce((SELECT max(seq) FROM journal), 0),"
             " coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'journal'), 0))"
-        ) as cur:
-            row = await cur.fetchone()
+        )
         self._journal_head = int(row[0]) if row else 0
         self._counters.clear()
 
@@ -163,12 +164,14 @@ class DossierService:
             if len(day) == 6 and day.isdigit() and seq.isdigit():
                 highest[day] = max(highest.get(day, 0), int(seq))
         if highest:
-            async with self.store.transaction() as conn:
-                await conn.executemany(
+            rows = [(self.agency, day, n) for day, n in highest.items()]
+            await self.store.write(
+                lambda c: c.executemany(
                     "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
                     " ON CONFLICT (agency, day) DO UPDATE SET last = max(last, excluded.last)",
-                    [(self.agency, day, n) for day, n in highest.items()],
+                    rows,
                 )
+            )
             self._counters.clear()
         return highest
 
@@ -224,11 +227,11 @@ class DossierService:
         params: list[str] = []
         for _, k in keyed:
             params += [k.scope, k.key]
-        async with self.store.writer.execute(
+        rows = await self.store.fetchall(
             f"SELECT scope, key, request_hash, status, body FROM idempotency WHERE (scope, key) IN (VALUES {marks})",
             params,
-        ) as cur:
-            stored = {(r[0], r[1]): (r[2], int(r[3]), str(r[4])) for r in await cur.fetchall()}
+        )
+        stored = {(r[0], r[1]): (r[2], int(r[3]), str(r[4])) for r in rows}
         leaders: dict[tuple[str, str], int] = {}
         followers: dict[int, int] = {}
         for i, k in keyed:
@@ -253,10 +256,7 @@ class DossierService:
         if any(isinstance(op, Intake) and results[i] is None for i, op in enumerate(ops)):
             key = (self.agency, day)
             if key not in self._counters:
-                async with self.store.writer.execute(
-                    "SELECT last FROM day_counters WHERE agency = ? AND day = ?", key
-                ) as cur:
-                    row = await cur.fetchone()
+                row = await self.store.fetchone("SELECT last FROM day_counters WHERE agency = ? AND day = ?", key)
                 self._counters[key] = int(row[0]) if row else 0
         wanted = {
             op.code
@@ -265,10 +265,9 @@ class DossierService:
         }
         if wanted:
             marks = ",".join("?" for _ in wanted)
-            async with self.store.writer.execute(
+            rows = await self.store.fetchall(
                 f"SELECT code, state, record FROM dossiers WHERE code IN ({marks})", list(wanted)
-            ) as cur:
-                rows = await cur.fetchall()
+            )
             for code, state, record in rows:
                 self._remember(code, _Entry(ydoc.load_doc(code, bytes(state), self.client_id), json.loads(record)))
 
@@ -322,18 +321,16 @@ class DossierService:
             "TrangThai": 2,
         }
         stamp = self.hlc.now().encode()
-        doc = ydoc.new_doc(code, self.client_id)
-
-        def write(d: Doc[Any]) -> None:
-            ydoc.put_fields(d, fields)
-            ydoc.add_step(d, step, stamp)
-            for item in documents:
-                ydoc.add_document(d, item)
-            for fee in fees:
-                ydoc.add_fee(d, fee)
-
-        update = ydoc.change(doc, write)
-        record, conflicts = materialise(doc)
+        step_value = {**step, HLC_FIELD: stamp}
+        key = step_key_of(step)
+        docs = {str(d["TepDinhKemId"]): d for d in documents}
+        fee_map = {str(f["MaPhiLePhi"]): f for f in fees}
+        doc, update = ydoc.create(code, self.client_id, fields, {key: step_value}, docs, fee_map)
+        # The record is built from the values just written rather than read back from the Doc: the same
+        # function materialise() uses, on the same values (tests check the two agree).
+        record, conflicts = build_record(
+            {k: v for k, v in fields.items() if v is not None}, [(key, step_value)], docs, fee_map
+        )
         record_json, digest = _dumps(record), _digest(record)
         at = iso(now)
         seq = self._next_seq()
@@ -407,6 +404,7 @@ class DossierService:
                 extra={"current": current, "allowed": allowed},
             )
         stamp = self.hlc.now().encode()
+
         def write(d: Doc[Any]) -> None:
             ydoc.add_step(d, step, stamp)
 
@@ -425,6 +423,7 @@ class DossierService:
                 f"fee {op.clean['MaPhiLePhi']!r} is already recorded with different values; fees are append-only",
                 fields={"MaPhiLePhi": "already recorded on this dossier"},
             )
+
         def write(d: Doc[Any]) -> None:
             ydoc.add_fee(d, op.clean)
 
@@ -439,39 +438,44 @@ class DossierService:
         return self._journal_head
 
     async def _commit(self, batch: _Batch, day: str) -> None:
-        async with self.store.transaction() as conn:
-            if batch.inserts:
-                await conn.executemany(
-                    "INSERT INTO dossiers (code, receiving_unit, competent_unit, status, state, record, digest,"
-                    " conflicts, created_at, updated_at, change_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                    list(batch.inserts.values()),
-                )
-            if batch.updates:
-                await conn.executemany(
-                    "UPDATE dossiers SET status = ?, state = ?, record = ?, digest = ?, conflicts = ?,"
-                    " updated_at = ?, change_seq = ?, competent_unit = ? WHERE code = ?",
-                    list(batch.updates.values()),
-                )
-            if batch.journal:
-                await conn.executemany('INSERT INTO journal (seq, code, "update", at) VALUES (?,?,?,?)', batch.journal)
-            if batch.inserts:
-                key = (self.agency, day)
-                await conn.execute(
-                    "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
-                    " ON CONFLICT (agency, day) DO UPDATE SET last = excluded.last",
-                    (*key, self._counters[key]),
-                )
-            if batch.idem:
-                await conn.executemany(
-                    "INSERT OR IGNORE INTO idempotency (scope, key, request_hash, status, body, created_at)"
-                    " VALUES (?,?,?,?,?,?)",
-                    batch.idem,
-                )
-            await conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('hlc', ?)"
-                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (self.hlc.last.encode(),),
-            )
+        key = (self.agency, day)
+        counter = (*key, self._counters[key]) if batch.inserts else None
+        hlc = self.hlc.last.encode()
+        await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc))
+
+
+def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, str, int] | None, hlc: str) -> None:
+    """Every statement of one group commit; runs on the store's writer thread inside its transaction."""
+    if batch.inserts:
+        conn.executemany(
+            "INSERT INTO dossiers (code, receiving_unit, competent_unit, status, state, record, digest,"
+            " conflicts, created_at, updated_at, change_seq) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            list(batch.inserts.values()),
+        )
+    if batch.updates:
+        conn.executemany(
+            "UPDATE dossiers SET status = ?, state = ?, record = ?, digest = ?, conflicts = ?,"
+            " updated_at = ?, change_seq = ?, competent_unit = ? WHERE code = ?",
+            list(batch.updates.values()),
+        )
+    if batch.journal:
+        conn.executemany('INSERT INTO journal (seq, code, "update", at) VALUES (?,?,?,?)', batch.journal)
+    if counter is not None:
+        conn.execute(
+            "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
+            " ON CONFLICT (agency, day) DO UPDATE SET last = excluded.last",
+            counter,
+        )
+    if batch.idem:
+        conn.executemany(
+            "INSERT OR IGNORE INTO idempotency (scope, key, request_hash, status, body, created_at)"
+            " VALUES (?,?,?,?,?,?)",
+            batch.idem,
+        )
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('hlc', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (hlc,),
+    )
 
 
 def _idem_mismatch(k: IdemKey) -> ApiError:

@@ -8,9 +8,10 @@ commit durable when it returns, so a 201 sent after it survives a power cut.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -83,14 +84,20 @@ def classify(exc: BaseException) -> StoreError:
 
 
 class Store:
-    """The SQLite database of one node."""
+    """The SQLite database of one node.
+
+    Writes run on one dedicated thread with its own connection: :meth:`write` hands a whole transaction
+    (``BEGIN IMMEDIATE`` … ``COMMIT``) to that thread as one call, so a batch costs one thread hop
+    however many statements it has. Reads go through an aiosqlite connection; WAL lets them run
+    beside the writer and see every committed transaction.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer: aiosqlite.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None
-        # The writer connection is shared by the intake writer, replicators and pullers: one transaction
-        # at a time on it, in the order they asked.
+        # One transaction at a time on the writer, in the order they were asked for.
         self._write_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Store:
@@ -102,45 +109,56 @@ class Store:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(self.path, isolation_level=None)
+        # Migrations run once, before anything else touches the file.
+        async with aiosqlite.connect(self.path, isolation_level=None) as conn:
+            await _pragmas(conn)
+            await migrate(conn)
+        executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
         try:
-            await _pragmas(writer)
-            await migrate(writer)
+            self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect_writer)
             reader = await aiosqlite.connect(self.path, isolation_level=None)
             await _pragmas(reader)
         except BaseException:
-            await writer.close()
+            executor.shutdown(wait=True)
             raise
-        self._writer, self._reader = writer, reader
+        self._executor, self._reader = executor, reader
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        for pragma in ("journal_mode=WAL", "synchronous=FULL", f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON"):
+            conn.execute(f"PRAGMA {pragma}")
+        return conn
 
     async def close(self) -> None:
         """Close both connections; safe to call twice; re-raises the first error after trying both."""
         first: BaseException | None = None
-        for attr in ("_writer", "_reader"):
-            conn = getattr(self, attr)
-            setattr(self, attr, None)
-            if conn is None:
-                continue
+        conn, executor, self._conn, self._executor = self._conn, self._executor, None, None
+        if conn is not None and executor is not None:
             try:
-                if attr == "_writer":
-                    # Fold the WAL back so a copied data directory is one self-contained file.
-                    with contextlib.suppress(sqlite3.Error):
-                        await conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                await conn.close()
+                async with self._write_lock:
+                    await asyncio.get_running_loop().run_in_executor(executor, self._close_writer, conn)
+            except BaseException as exc:
+                first = exc
+            executor.shutdown(wait=True)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            try:
+                await reader.close()
             except BaseException as exc:
                 first = first or exc
         if first is not None:
             raise first
 
-    @property
-    def is_open(self) -> bool:
-        return self._writer is not None
+    @staticmethod
+    def _close_writer(conn: sqlite3.Connection) -> None:
+        # Fold the WAL back so a copied data directory is one self-contained file.
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
 
     @property
-    def writer(self) -> aiosqlite.Connection:
-        if self._writer is None:
-            raise StoreError("store is closed")
-        return self._writer
+    def is_open(self) -> bool:
+        return self._conn is not None
 
     @property
     def reader(self) -> aiosqlite.Connection:
@@ -148,21 +166,42 @@ class Store:
             raise StoreError("store is closed")
         return self._reader
 
-    @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """``BEGIN IMMEDIATE`` on the writer; commit on success, roll back on any error."""
-        async with self._write_lock:
-            conn = self.writer
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                await conn.commit()
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.rollback()
-                raise
+    async def write(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        """Run ``fn`` inside one ``BEGIN IMMEDIATE`` transaction on the writer thread; one hop.
 
-    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        Commits when ``fn`` returns, rolls back when it raises. ``fn`` runs on another thread: it must
+        only touch the connection and the data it was given.
+        """
+        return await self._on_writer(self._transaction, fn)
+
+    async def on_writer(self, fn: Callable[[sqlite3.Connection], R]) -> R:
+        """Run ``fn`` on the writer connection outside a transaction (pragmas, checkpoints)."""
+        return await self._on_writer(fn)
+
+    async def _on_writer(self, fn: Callable[..., R], *args: Any) -> R:
+        conn, executor = self._conn, self._executor
+        if conn is None or executor is None:
+            raise StoreError("store is closed")
+        async with self._write_lock:
+            future = asyncio.get_running_loop().run_in_executor(executor, fn, conn, *args)
+            # The thread finishes a transaction it has started even if the caller is cancelled; waiting
+            # for it keeps the lock held until the connection is free again.
+            return await asyncio.shield(future)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], R]) -> R:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
         async with self.reader.execute(sql, params) as cur:
             return await cur.fetchone()
 
@@ -171,13 +210,11 @@ class Store:
             return list(await cur.fetchall())
 
     async def get_meta(self, key: str) -> str | None:
-        async with self.writer.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        row = await self.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
         return None if row is None else str(row[0])
 
     async def integrity_check(self) -> str:
-        async with self.reader.execute("PRAGMA integrity_check") as cur:
-            row = await cur.fetchone()
+        row = await self.fetchone("PRAGMA integrity_check")
         return str(row[0]) if row else "no answer"
 
 

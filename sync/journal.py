@@ -23,6 +23,6 @@ async def prune(store: Store, targets: Sequence[str], *, retention: timedelta, c
         return 0  # a target that has never pushed still needs everything
     floor = int(row[1])
     cutoff = iso(clock.now() - retention)
-    async with store.transaction() as conn:
-        cur = await conn.execute("DELETE FROM journal WHERE seq <= ? AND at < ?", (floor, cutoff))
-        return int(cur.rowcount)
+    return await store.write(
+        lambda conn: int(conn.execute("DELETE FROM journal WHERE seq <= ? AND at < ?", (floor, cutoff)).rowcount)
+    )

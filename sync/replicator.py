@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -201,9 +202,11 @@ class Replicator:
                         at,
                     )
                 )
-        async with self.store.transaction() as conn:
+        target = self.target
+
+        def write(conn: sqlite3.Connection) -> None:
             if rows:
-                await conn.executemany(
+                conn.executemany(
                     "INSERT INTO replication (target, code, state, digest, acked_digest, ack, attempts, last_error,"
                     " next_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
                     " ON CONFLICT (target, code) DO UPDATE SET state = excluded.state, digest = excluded.digest,"
@@ -212,11 +215,13 @@ class Replicator:
                     " next_at = excluded.next_at, updated_at = excluded.updated_at",
                     rows,
                 )
-            await conn.execute(
+            conn.execute(
                 "INSERT INTO cursors (target, seq) VALUES (?, ?)"
                 " ON CONFLICT (target) DO UPDATE SET seq = max(seq, excluded.seq)",
-                (self.target, head),
+                (target, head),
             )
+
+        await self.store.write(write)
         if any(r.outcome is Outcome.ACKED for r in results):
             self.last_ok_at = at
         self.pushed += sum(1 for r in results if r.outcome is Outcome.ACKED)
@@ -234,13 +239,17 @@ class Replicator:
 
     async def retry(self, code: str) -> bool:
         """Put a dead or parked dossier back in the queue; False when it is neither."""
-        async with self.store.transaction() as conn:
-            cur = await conn.execute(
+        target = self.target
+
+        def write(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
                 "UPDATE replication SET state = 'pending', attempts = 0, next_at = 0, digest = NULL"
                 " WHERE target = ? AND code = ? AND state IN ('dead', 'parked')",
-                (self.target, code),
+                (target, code),
             )
             return cur.rowcount > 0
+
+        return await self.store.write(write)
 
     async def lag(self, journal_head: int) -> dict[str, Any]:
         cursor = await self.cursor()

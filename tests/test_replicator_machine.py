@@ -158,8 +158,7 @@ class ReplicationMachine(RuleBasedStateMachine):
 
     async def _make_pending_due(self) -> None:
         # Backoff is time; the machine makes every pending retry due at once instead of sleeping.
-        async with self.store.transaction() as conn:
-            await conn.execute("UPDATE replication SET next_at = 0")
+        await self.store.write(lambda conn: conn.execute("UPDATE replication SET next_at = 0"))
 
     @rule()
     def crash(self) -> None:

@@ -21,27 +21,52 @@ STEP = {"TrangThai": 4, "NguoiXuLy": "Trần Văn Bình"}
 # A row that is valid at each schema version, keyed by the version that introduced its table. A new
 # migration needs an entry here, so that the upgrade from the version before it is tested with data.
 _DOSSIER_ROW = {
-    "code": "000.00.17.H29-250701-0001", "receiving_unit": "26743", "competent_unit": "26743", "status": 2,
-    "state": b"\x00\x00", "record": '{"MaHoSo":"000.00.17.H29-250701-0001","TrangThaiHoSo":2}',
-    "digest": "0" * 64, "conflicts": "[]", "created_at": "2025-07-01T01:00:00.000Z",
-    "updated_at": "2025-07-01T01:00:00.000Z", "change_seq": 1,
+    "code": "000.00.17.H29-250701-0001",
+    "receiving_unit": "26743",
+    "competent_unit": "26743",
+    "status": 2,
+    "state": b"\x00\x00",
+    "record": '{"MaHoSo":"000.00.17.H29-250701-0001","TrangThaiHoSo":2}',
+    "digest": "0" * 64,
+    "conflicts": "[]",
+    "created_at": "2025-07-01T01:00:00.000Z",
+    "updated_at": "2025-07-01T01:00:00.000Z",
+    "change_seq": 1,
 }
 SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
     1: [
         ("meta", {"key": "client_id", "value": "123456789"}),
         ("dossiers", _DOSSIER_ROW),
-        ("journal", {"seq": 1, "code": _DOSSIER_ROW["code"], '"update"': b"\x01\x02",
-                     "at": "2025-07-01T01:00:00.000Z"}),
+        (
+            "journal",
+            {"seq": 1, "code": _DOSSIER_ROW["code"], '"update"': b"\x01\x02", "at": "2025-07-01T01:00:00.000Z"},
+        ),
         ("day_counters", {"agency": "000.00.17.H29", "day": "250701", "last": 1}),
     ],
     2: [
-        ("idempotency", {"scope": "POST /api/v1/dossiers", "key": "k", "request_hash": "h", "status": 201,
-                         "body": "{}", "created_at": "2025-07-01T01:00:00.000Z"}),
+        (
+            "idempotency",
+            {
+                "scope": "POST /api/v1/dossiers",
+                "key": "k",
+                "request_hash": "h",
+                "status": 201,
+                "body": "{}",
+                "created_at": "2025-07-01T01:00:00.000Z",
+            },
+        ),
     ],
     3: [
         ("cursors", {"target": "national", "seq": 1}),
-        ("replication", {"target": "national", "code": _DOSSIER_ROW["code"], "state": "synced",
-                         "updated_at": "2025-07-01T01:00:00.000Z"}),
+        (
+            "replication",
+            {
+                "target": "national",
+                "code": _DOSSIER_ROW["code"],
+                "state": "synced",
+                "updated_at": "2025-07-01T01:00:00.000Z",
+            },
+        ),
     ],
 }
 
@@ -130,11 +155,17 @@ class TestDurability:
     async def test_wal_and_synchronous_full(self, config: Config) -> None:
         """Both connections run WAL with synchronous=FULL."""
         async with running_node(config) as (node, _, _):
-            for conn in (node.store.writer, node.store.reader):
-                async with conn.execute("PRAGMA journal_mode") as cur:
-                    assert (await cur.fetchone())[0] == "wal"
-                async with conn.execute("PRAGMA synchronous") as cur:
-                    assert (await cur.fetchone())[0] == 2
+            writer = await node.store.on_writer(
+                lambda c: (
+                    c.execute("PRAGMA journal_mode").fetchone()[0],
+                    c.execute("PRAGMA synchronous").fetchone()[0],
+                )
+            )
+            assert writer == ("wal", 2)
+            async with node.store.reader.execute("PRAGMA journal_mode") as cur:
+                assert (await cur.fetchone())[0] == "wal"
+            async with node.store.reader.execute("PRAGMA synchronous") as cur:
+                assert (await cur.fetchone())[0] == 2
 
 
 async def _post(session: Any, url: str, body: Any) -> tuple[int, Any]:
@@ -159,9 +190,8 @@ class TestDiskFull:
                 stored[reply["MaHoSo"]] = reply
             first = next(iter(stored))
 
-            async with node.store.writer.execute("PRAGMA page_count") as cur:
-                pages = (await cur.fetchone())[0]
-            await node.store.writer.execute(f"PRAGMA max_page_count={pages}")
+            pages = await node.store.on_writer(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+            await node.store.on_writer(lambda c: c.execute(f"PRAGMA max_page_count={pages}"))
 
             refused = 0
             for _ in range(50):
@@ -188,7 +218,7 @@ class TestDiskFull:
                 assert got == reply
             assert await node.store.integrity_check() == "ok"
 
-            await node.store.writer.execute("PRAGMA max_page_count=1073741823")
+            await node.store.on_writer(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
             status, after = await _post(session, url, body)
             assert status == 201, after
             status, stepped = await _post(session, f"{url}/{first}/steps", STEP)
