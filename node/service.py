@@ -26,8 +26,8 @@ from node.errors import ApiError
 from node.store import GroupCommit, Store
 from sync import doc as ydoc
 from sync.hlc import HLC, Stamp
-from sync.record import digest as _digest
 from sync.record import HLC_FIELD, build_record, materialise, normalise, step_key_of
+from sync.record import digest as _digest
 
 log = structlog.get_logger()
 
