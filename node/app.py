@@ -191,6 +191,7 @@ class Node:
                 await tasks.__aexit__(None, None, None)
             except BaseException as exc:
                 first = exc
+        await self._close_upstreams()
         try:
             await self.store.close()
         except BaseException as exc:

@@ -41,7 +41,7 @@ from aiohttp import web
 from pycrdt import Array, Doc, Map
 
 from simulations.faults import Faults, Handler, Stats
-from sync.record import DOCUMENTS, FEES, FIELDS, STEPS, digest, record_from_doc, step_key_of
+from sync.record import DOCUMENTS, FEES, FIELDS, STEPS, digest, read_roots, record_from_roots, step_key_of
 
 DEFAULT_CLIENT_ID = "wardsync"
 DEFAULT_CLIENT_SECRET = "wardsync-demo"
@@ -141,19 +141,16 @@ def _is_json_value(value: Any) -> bool:
     return False
 
 
-def _map_items(doc: Doc[Any], name: str) -> dict[str, Any]:
-    # A Map root that also holds sequence content was written as another type by someone: refuse it.
-    if len(doc.get(name, type=Array)) != 0:
-        raise InvalidDoc(f"root {name!r} must be a Map")
-    return dict(doc.get(name, type=Map).items())
-
-
 def validate(doc: Doc[Any], code: str, before_steps: frozenset[str]) -> dict[str, Any]:
     """The record of a Doc the city platform accepts for ``code``; raises :class:`InvalidDoc`."""
     extra = sorted(set(doc.keys()) - set(ROOTS))
     if extra:
         raise InvalidDoc(f"unknown root types {extra}")
-    fields = _map_items(doc, FIELDS)
+    for name in ROOTS:
+        # A Map root that also holds sequence content was written as another type by someone: refuse it.
+        if len(doc.get(name, type=Array)) != 0:
+            raise InvalidDoc(f"root {name!r} must be a Map")
+    fields, steps, documents, fees = read_roots(doc)
     for name, value in fields.items():
         if value is not None and not isinstance(value, _SCALARS):
             raise InvalidDoc(f"field {name} must be a scalar")
@@ -169,7 +166,6 @@ def validate(doc: Doc[Any], code: str, before_steps: frozenset[str]) -> dict[str
         if unit is not None and not _UNIT_RE.fullmatch(str(unit)):
             raise InvalidDoc(f"{unit_field} must be a 5-digit unit code")
 
-    steps = _map_items(doc, STEPS)
     for key, value in steps.items():
         if not isinstance(value, dict) or not _is_json_value(value):
             raise InvalidDoc(f"step {key} must be a plain JSON object")
@@ -187,12 +183,12 @@ def validate(doc: Doc[Any], code: str, before_steps: frozenset[str]) -> dict[str
     deleted = before_steps - steps.keys()
     if deleted:
         raise InvalidDoc(f"steps are never deleted ({len(deleted)} gone)")
-    for name in (DOCUMENTS, FEES):
-        for key, value in _map_items(doc, name).items():
+    for name, items in ((DOCUMENTS, documents), (FEES, fees)):
+        for key, value in items.items():
             if not isinstance(value, dict) or not _is_json_value(value):
                 raise InvalidDoc(f"{name} {key} must be a plain JSON object")
     try:
-        return record_from_doc(doc)
+        return record_from_roots(fields, steps, documents, fees)
     except (KeyError, TypeError, ValueError) as exc:
         raise InvalidDoc(f"record cannot be built: {exc}") from exc
 

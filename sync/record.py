@@ -68,13 +68,25 @@ def _ordered_steps(steps: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]
     return items
 
 
+def read_roots(doc: Doc[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The four root Maps as plain data (one conversion each), numbers normalised."""
+    fields, steps, documents, fees = (
+        normalise(doc.get(name, type=Map).to_py() or {}) for name in (FIELDS, STEPS, DOCUMENTS, FEES)
+    )
+    return fields, steps, documents, fees
+
+
 def materialise(doc: Doc[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The DVCQG-shaped record of a Doc and the steps skipped as illegal in the merged order."""
-    fields = normalise(doc.get(FIELDS, type=Map).to_py() or {})
-    steps = _ordered_steps(doc.get(STEPS, type=Map).to_py() or {})
-    documents = normalise(doc.get(DOCUMENTS, type=Map).to_py() or {})
-    fees = normalise(doc.get(FEES, type=Map).to_py() or {})
-    return build_record(fields, steps, documents, fees)
+    fields, steps, documents, fees = read_roots(doc)
+    return build_record(fields, _ordered_steps(steps), documents, fees)
+
+
+def record_from_roots(
+    fields: Mapping[str, Any], steps: Mapping[str, Any], documents: Mapping[str, Any], fees: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The same record as :func:`record_from_doc`, from roots already read with :func:`read_roots`."""
+    return build_record(fields, _ordered_steps(steps), documents, fees)[0]
 
 
 def build_record(
