@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import json
 import re
@@ -96,8 +97,12 @@ _STEP_DATES = ("ThoiDiemXuLy", "NgayBatDau", "NgayKetThucTheoQuyDinh")
 
 
 def _is_datetime(value: object) -> bool:
-    if not isinstance(value, str) or _DIGITS14.fullmatch(value) is None:
-        return False
+    return isinstance(value, str) and _DIGITS14.fullmatch(value) is not None and _real_datetime(value)
+
+
+@functools.lru_cache(maxsize=65536)
+def _real_datetime(value: str) -> bool:
+    # Dates repeat heavily within a batch (one receipt second, one processing day): parse each once.
     try:
         datetime.strptime(value, "%Y%m%d%H%M%S")
     except ValueError:
@@ -274,12 +279,8 @@ class PortalDb:
         return result
 
     def _refresh(self, code: str, seq: int, now: str) -> None:
-        full = self._full_record(code)
-        if full is None:
-            return
-        self.conn.execute(
-            "UPDATE dossiers SET digest = ?, seq = ?, updated_at = ? WHERE code = ?", (digest(full), seq, now, code)
-        )
+        # The digest is only read by inspection: it is computed there, once, not on every write.
+        self.conn.execute("UPDATE dossiers SET digest = '', seq = ?, updated_at = ? WHERE code = ?", (seq, now, code))
 
     def _full_record(self, code: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT record FROM dossiers WHERE code = ?", (code,)).fetchone()
@@ -378,7 +379,20 @@ class PortalDb:
             sql += " WHERE received_unit = ?1 OR competent_unit = ?1"
             params = (unit,)
         rows = self.conn.execute(sql + " ORDER BY code", params).fetchall()
-        return [{"code": c, "digest": d, "status": s, "updated_at": u} for c, d, s, u in rows]
+        out, computed = [], []
+        for c, d, s, u in rows:
+            if not d:
+                full = self._full_record(c)
+                d = digest(full) if full is not None else ""
+                computed.append((d, c))
+            out.append({"code": c, "digest": d, "status": s, "updated_at": u})
+        if computed:
+            self._write(
+                lambda _: self.conn.executemany(
+                    "UPDATE dossiers SET digest = ? WHERE code = ? AND digest = ''", computed
+                )
+            )
+        return out
 
     def counts(self) -> dict[str, int]:
         """Stored dossiers and steps, and how many are stored more than once (the keys make that zero)."""
