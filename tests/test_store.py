@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -235,3 +236,28 @@ class TestDiskFull:
             assert await node.store.integrity_check() == "ok"
             row = await node.store.fetchone("SELECT count(*) FROM dossiers")
             assert row is not None and row[0] == len(codes)
+
+
+class TestConcurrentDiskFull:
+    """Concurrent writers hit a full disk: every 201 is stored, no code is ever given twice."""
+
+    async def test_concurrent_intakes_against_a_filling_disk(self, config: Config) -> None:
+        body = valid_intake(ThongTinKhac="Ghi chú " * 240, TrichYeuHoSo="Trích yếu " * 90)
+        async with running_node(config) as (node, base, session):
+            url = base + DOSSIERS
+            for _ in range(3):
+                status, _reply = await _post(session, url, body)
+                assert status == 201
+            pages = await node.store.on_writer(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+            await node.store.on_writer(lambda c: c.execute(f"PRAGMA max_page_count={pages + 6}"))
+            replies = await asyncio.gather(*(_post(session, url, body) for _ in range(80)))
+            statuses = {s for s, _ in replies}
+            assert statuses <= {201, 507} and 507 in statuses, statuses
+            accepted = [r["MaHoSo"] for s, r in replies if s == 201]
+            await node.store.on_writer(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
+            later = await asyncio.gather(*(_post(session, url, body) for _ in range(20)))
+            assert {s for s, _ in later} == {201}
+            stored = [r[0] for r in await node.store.fetchall("SELECT code FROM dossiers")]
+            assert len(stored) == len(set(stored))
+            assert set(accepted) | {r["MaHoSo"] for _, r in later} <= set(stored)
+            assert await node.store.integrity_check() == "ok"
