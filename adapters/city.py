@@ -30,6 +30,7 @@ import pycrdt
 import structlog
 
 from adapters.base import FeedItem, FeedPage, Outcome, Outgoing, PushResult, UpstreamError
+from sync.statevector import EMPTY_STATE_VECTOR, covers, decode_state_vector
 
 log = structlog.get_logger()
 
@@ -40,42 +41,6 @@ MAX_CONCURRENT_REQUESTS = 4
 TOKEN_REFRESH_MARGIN_S = 30.0
 # The feed of a unit no ward has: the cheapest authenticated call that still touches the city's store.
 PROBE_UNIT = "00000"
-# What to diff against when the city holds nothing of a Doc: the full state. A real (empty) state vector
-# rather than None, so a caller that keeps its old ack when handed None still ends up sending everything.
-EMPTY_STATE_VECTOR = b"\x00"
-
-
-def decode_state_vector(sv: bytes) -> dict[int, int]:
-    """``{client: clock}`` of an encoded Y state vector, without zero entries."""
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= len(sv):
-                raise ValueError("truncated state vector")
-            byte = sv[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    count = varint()
-    clocks: dict[int, int] = {}
-    for _ in range(count):
-        client, clock = varint(), varint()
-        if clock:
-            clocks[client] = clock
-    if pos != len(sv):
-        raise ValueError("trailing bytes after state vector")
-    return clocks
-
-
-def covers(theirs: Mapping[int, int], ours: Mapping[int, int]) -> bool:
-    """Whether a state vector includes everything another one has seen."""
-    return all(theirs.get(client, 0) >= clock for client, clock in ours.items())
 
 
 @dataclass

@@ -18,7 +18,6 @@ in any order. It only refuses Docs no replica should ever produce.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -26,7 +25,6 @@ import contextlib
 import hmac
 import re
 import secrets
-import signal
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +39,9 @@ from aiohttp import web
 from pycrdt import Array, Doc, Map
 
 from simulations.faults import Faults, Handler, Stats
+from simulations.serving import running
 from sync.record import DOCUMENTS, FEES, FIELDS, STEPS, digest, read_roots, record_from_roots, step_key_of
+from sync.statevector import decode_state_vector
 
 DEFAULT_CLIENT_ID = "wardsync"
 DEFAULT_CLIENT_SECRET = "wardsync-demo"
@@ -51,7 +51,6 @@ DB_NAME = "city.sqlite3"
 # A full batch of 500 Docs with attachments' metadata is well over aiohttp's 1 MiB default.
 MAX_BODY_BYTES = 64 * 1024 * 1024
 # In-flight requests get this long on shutdown; a blackholed one would otherwise hold it for an hour.
-SHUTDOWN_TIMEOUT_S = 1.0
 
 ROOTS = (FIELDS, STEPS, DOCUMENTS, FEES)
 REQUIRED_FIELDS = ("MaHoSo", "MaTTHC", "ChuHoSo", "NgayTiepNhan", "MaDonViTiepNhan")
@@ -92,34 +91,6 @@ ON CONFLICT(code) DO UPDATE SET
 
 class InvalidDoc(ValueError):
     """The Doc an update would produce is not one the city platform accepts."""
-
-
-def decode_state_vector(sv: bytes) -> dict[int, int]:
-    """``{client: clock}`` of an encoded state vector, without zero entries (they mean "nothing yet")."""
-    pos = 0
-
-    def varint() -> int:
-        nonlocal pos
-        value = shift = 0
-        while True:
-            if pos >= len(sv):
-                raise ValueError("truncated state vector")
-            byte = sv[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            shift += 7
-            if byte < 0x80:
-                return value
-
-    count = varint()
-    clocks: dict[int, int] = {}
-    for _ in range(count):
-        client, clock = varint(), varint()
-        if clock:
-            clocks[client] = clock
-    if pos != len(sv):
-        raise ValueError("trailing bytes after state vector")
-    return clocks
 
 
 def _load(state: bytes | None) -> Doc[Any]:
@@ -638,21 +609,6 @@ def build_app(
     return app
 
 
-@contextlib.asynccontextmanager
-async def running(app: web.Application, host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[str]:
-    """Serve ``app`` on ``host:port`` (0: any free port) and yield its base URL."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
-        await site.start()
-        bound_host, bound_port = runner.addresses[0][0], runner.addresses[0][1]
-        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-        yield f"http://{shown}:{bound_port}"
-    finally:
-        await runner.cleanup()
-
-
 async def serve(
     host: str,
     port: int,
@@ -665,36 +621,3 @@ async def serve(
     async with running(build_app(data_dir, **options), host, port) as url:
         announce(f"city system stand-in listening on {url}")
         await stop.wait()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m simulations.city_system --port 8082 --data-dir data/city``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8082)
-    parser.add_argument("--data-dir", type=Path, default=Path("data/city"))
-    parser.add_argument("--client-id", default=DEFAULT_CLIENT_ID)
-    parser.add_argument("--client-secret", default=DEFAULT_CLIENT_SECRET)
-    parser.add_argument("--token-ttl", type=float, default=3600.0)
-    args = parser.parse_args(argv)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(
-            args.host, args.port, args.data_dir, stop, _flush_print,
-            client_id=args.client_id, client_secret=args.client_secret, token_ttl_s=args.token_ttl,
-        )
-
-    asyncio.run(run())
-
-
-def _flush_print(line: str) -> None:
-    # Drill scripts read the port from this line through a pipe, so it must not sit in a buffer.
-    print(line, flush=True)
-
-
-if __name__ == "__main__":
-    main()

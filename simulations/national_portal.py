@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import hmac
 import json
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from simulations.faults import Faults, Stats
+from simulations.serving import running
 from sync.record import digest, step_key_of
 
 DEFAULT_USERNAME = "wardsync"
@@ -690,17 +690,6 @@ async def serve(
     **options: Any,
 ) -> None:
     """Serve the stand-in until ``stop`` is set; ``port`` 0 picks a free port, announced once listening."""
-    app = build_app(data_dir, **options)
-    # handler_cancellation ends a blackholed call when its client gives up, so shutdown does not wait on it.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        bound = port
-        with contextlib.suppress(IndexError, TypeError):
-            bound = int(runner.addresses[0][1])
-        announce(f"national portal stand-in listening on http://{host}:{bound}")
+    async with running(build_app(data_dir, **options), host, port) as url:
+        announce(f"national portal stand-in listening on {url}")
         await stop.wait()
-    finally:
-        await runner.cleanup()

@@ -19,7 +19,7 @@ from aiohttp import web
 from pycrdt import Map
 
 from adapters.base import Outcome, Outgoing, PushResult, Upstream, UpstreamError
-from adapters.city import EMPTY_STATE_VECTOR, CityAdapter, decode_state_vector
+from adapters.city import CityAdapter
 from simulations.city_system import (
     CITY,
     DEFAULT_CLIENT_ID,
@@ -31,6 +31,7 @@ from simulations.city_system import (
 from simulations.faults import Faults
 from sync import doc as ydoc
 from sync.record import DOCUMENTS, digest, record_from_doc
+from sync.statevector import EMPTY_STATE_VECTOR, decode_state_vector
 from tests import factories as f
 
 pytestmark = pytest.mark.timeout(30)
