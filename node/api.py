@@ -231,14 +231,109 @@ async def status(request: web.Request) -> web.Response:
     head = node.service.journal_head
     targets: dict[str, Any] = {}
     for name, rep in node.replicators.items():
-        loop = node.loops[name]
         lag = await rep.lag(head)
-        state = "healthy" if loop.errors == 0 else ("down" if loop.errors >= 3 else "degraded")
-        targets[name] = {"state": state, **lag, "last_error": loop.last_error}
-    active = next((n for n in ("national", "city") if n in targets and targets[n]["state"] != "down"), None)
-    return json_response(
-        {"unit": request.app[UNIT], "journal_head": head, "active_source": active, "targets": targets, "events": []}
-    )
+        breaker = node.breakers[name]
+        guarded = node.guarded[name]
+        state = breaker.state.value
+        if state == "open":
+            health = "down"
+        elif state == "half_open" or node.loops[name].errors or (guarded.last_error and not lag["last_ok_at"]):
+            health = "degraded"
+        else:
+            health = "healthy"
+        targets[name] = {
+            "state": health,
+            "breaker": state,
+            "breaker_reason": breaker.last_reason,
+            **lag,
+            "last_error": node.loops[name].last_error or guarded.last_error,
+            "fault_windows": [w for w in node.windows.describe() if w["target"] == name],
+        }
+    controller = node.controller
+    body: dict[str, Any] = {
+        "unit": request.app[UNIT],
+        "journal_head": head,
+        "active_source": controller.active if controller else None,
+        "offline": bool(controller) and controller.active is None,
+        "forced": controller.describe()["forced"] if controller else None,
+        "targets": targets,
+        "events": controller.events if controller else [],
+    }
+    return json_response(body)
+
+
+_SOURCES = ("national", "city", "auto")
+
+
+async def admin_failover(request: web.Request) -> web.Response:
+    """Force the active source for a while (drills), or release it with "auto"."""
+    node = request.app[NODE]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "validation_failed", "the body must be a JSON object", fields={"$": "must be an object"})
+    errors: dict[str, str] = {}
+    unknown = set(body) - {"primary", "ttl_s"}
+    for u in unknown:
+        errors[u] = "unknown field"
+    choice = body.get("primary")
+    if node.controller is None:
+        raise ApiError(409, "no_targets", "this node has no upstream targets configured")
+    if choice not in _SOURCES or (choice != "auto" and choice not in node.breakers):
+        errors["primary"] = f"must be one of {', '.join(s for s in _SOURCES if s == 'auto' or s in node.breakers)}"
+    ttl = body.get("ttl_s", 3600)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= 7 * 24 * 3600:
+        errors["ttl_s"] = "must be a number of seconds, more than 0 and at most 604800 (one week)"
+    if errors:
+        raise validation_error(errors)
+    await node.controller.force(str(choice), float(ttl))
+    return json_response(node.controller.describe())
+
+
+async def admin_faults_open(request: web.Request) -> web.Response:
+    """Open a local fault window in one target's path; it closes by itself."""
+    from failover.windows import MODES, WindowSpecError
+
+    node = request.app[NODE]
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "validation_failed", "the body must be a JSON object", fields={"$": "must be an object"})
+    errors: dict[str, str] = {}
+    target, mode, seconds = body.get("target"), body.get("mode"), body.get("seconds")
+    if target not in node.guarded:
+        errors["target"] = f"must be one of {', '.join(node.guarded) or '(no targets configured)'}"
+    if mode not in MODES:
+        errors["mode"] = f"must be one of {', '.join(MODES)}"
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        errors["seconds"] = "required: how long the window stays open, in seconds"
+    params: dict[str, float] = {}
+    for key, value in body.items():
+        if key in {"target", "mode", "seconds"}:
+            continue
+        if key not in {"ms", "rate"}:
+            errors[key] = "unknown field"
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            errors[key] = "must be a number"
+        else:
+            params[key] = float(value)
+    if errors:
+        raise validation_error(errors)
+    try:
+        node.windows.open(str(target), str(mode), float(seconds or 0), **params)
+    except WindowSpecError as exc:
+        raise validation_error({exc.field: str(exc)}) from exc
+    log.warning("fault_window_opened", target=target, mode=mode, seconds=seconds, **params)
+    return json_response({"windows": node.windows.describe()}, status=201)
+
+
+async def admin_faults_list(request: web.Request) -> web.Response:
+    return json_response({"windows": request.app[NODE].windows.describe()})
+
+
+async def admin_faults_clear(request: web.Request) -> web.Response:
+    target = request.query.get("target")
+    closed = request.app[NODE].windows.clear(target)
+    log.warning("fault_windows_closed", target=target, closed=closed)
+    return json_response({"closed": closed, "windows": request.app[NODE].windows.describe()})
 
 
 def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -376,6 +471,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/api/v1/dead-letters", dead_letters)
     app.router.add_post("/api/v1/dead-letters/{target}/{code}/retry", retry_dead_letter)
+    app.router.add_post("/api/v1/admin/failover", admin_failover)
+    app.router.add_post("/api/v1/admin/faults", admin_faults_open)
+    app.router.add_get("/api/v1/admin/faults", admin_faults_list)
+    app.router.add_delete("/api/v1/admin/faults", admin_faults_clear)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)

@@ -15,6 +15,10 @@ import structlog
 from aiohttp import web
 
 from adapters.base import Upstream, UpstreamError
+from failover.breaker import Breaker, BreakerSettings, BreakerState
+from failover.controller import Controller
+from failover.health import Prober
+from failover.windows import FaultWindows, GuardedUpstream
 from node import api
 from node.clock import Clock
 from node.config import Config
@@ -42,6 +46,11 @@ class Node:
         self.upstreams: list[Upstream] = []
         self.replicators: dict[str, Replicator] = {}
         self.loops: dict[str, Loop] = {}
+        self.windows = FaultWindows()
+        self.guarded: dict[str, GuardedUpstream] = {}
+        self.breakers: dict[str, Breaker] = {}
+        self.controller: Controller | None = None
+        self.prober: Prober | None = None
         self._http: aiohttp.ClientSession | None = None
         self.app = build_app(self)
         self._tasks: asyncio.TaskGroup | None = None
@@ -67,8 +76,20 @@ class Node:
                 retry_base_s=rc.retry_base_s,
                 retry_cap_s=rc.retry_cap_s,
             )
+            fo = self.config.failover
+            breaker_settings = BreakerSettings(
+                consecutive_failures=fo.consecutive_failures,
+                failure_rate=fo.failure_rate,
+                window_s=fo.window_s,
+                min_calls=fo.min_calls,
+                open_base_s=fo.open_base_s,
+                open_cap_s=fo.open_cap_s,
+            )
             for upstream in self.upstreams:
-                rep = Replicator(self.store, upstream, clock=self.clock, settings=settings)
+                breaker = Breaker(upstream.name, breaker_settings, on_change=self._breaker_changed)
+                guarded = GuardedUpstream(upstream, breaker, self.windows, timeout_s=self._timeout_of(upstream.name))
+                self.breakers[upstream.name], self.guarded[upstream.name] = breaker, guarded
+                rep = Replicator(self.store, guarded, clock=self.clock, settings=settings)
                 loop = Loop(
                     f"push:{upstream.name}",
                     rep.run_once,
@@ -78,6 +99,21 @@ class Node:
                 )
                 self.service.listeners.append(loop.wake)
                 self.replicators[upstream.name], self.loops[upstream.name] = rep, loop
+            if self.breakers:
+                backup = "city" if fo.primary == "national" else "national"
+                self.controller = Controller(
+                    self.store,
+                    self.breakers,
+                    primary=fo.primary,
+                    backup=backup,
+                    hold_s=fo.hold_s,
+                    backlog=self._backlog,
+                    clock=self.clock,
+                )
+                await self.controller.load()
+                self.prober = Prober(
+                    list(self.guarded.values()), interval_s=fo.probe_interval_s, timeout_s=fo.probe_timeout_s
+                )
             await self._seed_counters()
             self._tasks = asyncio.TaskGroup()
             await self._tasks.__aenter__()
@@ -87,6 +123,10 @@ class Node:
             if self.replicators:
                 self.loops["prune"] = Loop("prune", self._prune, tick_s=600.0, backoff_cap_s=600.0)
                 self._tasks.create_task(self.loops["prune"].run(), name="prune")
+            if self.controller is not None and self.prober is not None:
+                self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
+                self._tasks.create_task(self.loops["failover"].run(), name="failover")
+                self._tasks.create_task(self.prober.run(), name="probes")
         except BaseException:
             await self._close_upstreams()
             await self.store.close()
@@ -159,6 +199,25 @@ class Node:
         if seeded:
             log.info("seed_counters", days=seeded)
 
+    def _timeout_of(self, name: str) -> float:
+        target = self.config.national if name == "national" else self.config.city
+        return target.timeout_s if target is not None else 10.0
+
+    def _breaker_changed(self, name: str, old: BreakerState, new: BreakerState, reason: str) -> None:
+        log.warning("breaker_changed", target=name, old=old.value, new=new.value, reason=reason)
+        loop = self.loops.get("failover")
+        if loop is not None:
+            loop.wake.set()
+
+    async def _backlog(self, name: str) -> int:
+        lag = await self.replicators[name].lag(self.service.journal_head)
+        return int(lag["lag_records"])
+
+    async def _evaluate(self) -> bool:
+        if self.controller is not None:
+            await self.controller.evaluate()
+        return False
+
     async def _prune(self) -> bool:
         retention = timedelta(hours=self.config.replication.journal_retention_h)
         pruned = await journal.prune(self.store, list(self.replicators), retention=retention, clock=self.clock)
@@ -184,6 +243,8 @@ class Node:
         first: BaseException | None = None
         for loop in self.loops.values():
             loop.stop()
+        if self.prober is not None:
+            self.prober.stop()
         self.service.writer.close()
         if self._tasks is not None:
             tasks, self._tasks = self._tasks, None

@@ -80,10 +80,28 @@ class ReplicationSection:
 
 
 @dataclass(frozen=True)
+class FailoverSection:
+    """Health probes, breakers and the active-source choice (see failover/breaker.py for the defaults)."""
+
+    primary: str = "national"
+    probe_interval_s: float = 0.5
+    probe_timeout_s: float = 2.0
+    hold_s: float = 60.0
+    evaluate_s: float = 0.25
+    consecutive_failures: int = 4
+    failure_rate: float = 0.5
+    window_s: float = 30.0
+    min_calls: int = 10
+    open_base_s: float = 5.0
+    open_cap_s: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSection = field(default_factory=NodeSection)
     log: LogSection = field(default_factory=LogSection)
     replication: ReplicationSection = field(default_factory=ReplicationSection)
+    failover: FailoverSection = field(default_factory=FailoverSection)
     national: NationalTarget | None = None
     city: CityTarget | None = None
     source: str = "<defaults>"
@@ -109,6 +127,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "node": NodeSection,
     "log": LogSection,
     "replication": ReplicationSection,
+    "failover": FailoverSection,
     "targets.national": NationalTarget,
     "targets.city": CityTarget,
 }
@@ -202,7 +221,7 @@ def load_config(
         sections[name] = built if name not in _OPTIONAL or present else None
     for name in raw:
         if name not in {n.split(".")[0] for n in _SECTIONS}:
-            problems.append(f"[{name}]: unknown section (known: node, log, replication, targets)")
+            problems.append(f"[{name}]: unknown section (known: node, log, replication, failover, targets)")
     for name in raw.get("targets", {}) if isinstance(raw.get("targets"), dict) else ():
         if f"targets.{name}" not in _SECTIONS:
             problems.append(f"[targets.{name}]: unknown target (known: national, city)")
@@ -211,6 +230,7 @@ def load_config(
         node=sections["node"],
         log=sections["log"],
         replication=sections["replication"],
+        failover=sections["failover"],
         national=sections["targets.national"],
         city=sections["targets.city"],
         source=source,
@@ -269,6 +289,18 @@ def validate(config: Config) -> list[str]:
         problems.append("[replication] batch_size: must be between 1 and 5000")
     if rep.max_attempts < 1:
         problems.append("[replication] max_attempts: must be at least 1")
+    fo = config.failover
+    if fo.primary not in {"national", "city"}:
+        problems.append(f"[failover] primary: {fo.primary!r} is not one of national, city")
+    for key in ("probe_interval_s", "probe_timeout_s", "evaluate_s", "window_s", "open_base_s", "open_cap_s"):
+        if getattr(fo, key) <= 0:
+            problems.append(f"[failover] {key}: must be positive")
+    if fo.hold_s < 0:
+        problems.append("[failover] hold_s: must not be negative")
+    if fo.consecutive_failures < 1 or fo.min_calls < 1:
+        problems.append("[failover] consecutive_failures and min_calls: must be at least 1")
+    if not 0 < fo.failure_rate <= 1:
+        problems.append("[failover] failure_rate: must be in (0, 1]")
     if config.log.format not in {"auto", "json", "console"}:
         problems.append(f"[log] format: {config.log.format!r} is not one of auto, json, console")
     return problems

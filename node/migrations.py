@@ -88,6 +88,19 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         CREATE INDEX replication_state ON replication (target, state, next_at);
         """,
     ),
+    (
+        4,
+        """
+        CREATE TABLE failover_events (
+            id          INTEGER PRIMARY KEY,
+            at          TEXT NOT NULL,
+            kind        TEXT NOT NULL,
+            from_source TEXT,
+            to_source   TEXT,
+            reason      TEXT NOT NULL
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -103,6 +103,42 @@ _CODE = {
 }
 
 
+_TARGET_STATUS = {
+    "type": "object",
+    "properties": {
+        "state": {"enum": ["healthy", "degraded", "down"]},
+        "breaker": {"enum": ["closed", "open", "half_open"]},
+        "lag_records": {"type": "integer"},
+        "lag_seconds": {"type": "number"},
+        "last_ok_at": {"type": ["string", "null"]},
+        "last_error": {"type": ["string", "null"]},
+    },
+}
+_STATUS = {
+    "type": "object",
+    "required": ["unit", "active_source", "targets", "events"],
+    "properties": {
+        "unit": {"type": "string"},
+        "active_source": {"enum": ["national", "city", None]},
+        "offline": {"type": "boolean"},
+        "targets": {"type": "object", "additionalProperties": _TARGET_STATUS},
+        "events": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "at": {"type": "string"},
+                    "kind": {"type": "string"},
+                    "from": {"type": ["string", "null"]},
+                    "to": {"type": ["string", "null"]},
+                    "reason": {"type": "string"},
+                },
+            },
+        },
+    },
+}
+
+
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     step = _obj(STEP_FIELDS, STEP_REQUIRED)
@@ -279,8 +315,66 @@ def openapi_document() -> dict[str, Any]:
             },
             "/api/v1/status": {
                 "get": {
-                    "summary": "Replication state per target, journal head and the active source",
-                    "responses": {"200": {"description": "Status", **_json({"type": "object"})}},
+                    "summary": "Replication and health per target, the active source and recent failover events",
+                    "responses": {"200": {"description": "Status", **_json(_ref("Status"))}},
+                },
+            },
+            "/api/v1/admin/failover": {
+                "post": {
+                    "summary": "Force the active source for ttl_s seconds (default 3600), or release it with auto",
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["primary"],
+                                "properties": {
+                                    "primary": {"enum": ["national", "city", "auto"]},
+                                    "ttl_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 604800},
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {"description": "The choice now", **_json({"type": "object"})},
+                        **_errors(400, 409, 415, 422),
+                    },
+                },
+            },
+            "/api/v1/admin/faults": {
+                "post": {
+                    "summary": "Open a local fault window in one target's path; it closes by itself after seconds",
+                    "requestBody": {
+                        "required": True,
+                        **_json(
+                            {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["target", "mode", "seconds"],
+                                "properties": {
+                                    "target": {"enum": ["national", "city"]},
+                                    "mode": {"enum": ["down", "blackhole", "latency", "error_rate"]},
+                                    "seconds": {"type": "number", "exclusiveMinimum": 0, "maximum": 86400},
+                                    "ms": {"type": "number"},
+                                    "rate": {"type": "number"},
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "201": {"description": "Open windows", **_json({"type": "object"})},
+                        **_errors(400, 415, 422),
+                    },
+                },
+                "get": {
+                    "summary": "Open fault windows",
+                    "responses": {"200": {"description": "Open windows", **_json({"type": "object"})}},
+                },
+                "delete": {
+                    "summary": "Close every fault window (or those of ?target=)",
+                    "parameters": [{"name": "target", "in": q, "schema": {"type": "string"}}],
+                    "responses": {"200": {"description": "Closed", **_json({"type": "object"})}},
                 },
             },
             "/api/v1/dead-letters": {
@@ -330,6 +424,7 @@ def openapi_document() -> dict[str, Any]:
                 "Fee": fee,
                 "Document": document,
                 "Dossier": dossier,
+                "Status": _STATUS,
                 "Error": error,
                 "Change": change,
             }

@@ -69,6 +69,13 @@ SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
             },
         ),
     ],
+    4: [
+        (
+            "failover_events",
+            {"at": "2025-07-01T01:00:00.000Z", "kind": "switch", "from_source": "national", "to_source": "city",
+             "reason": "primary national is down"},
+        ),
+    ],
 }
 
 

@@ -1,0 +1,67 @@
+"""Active health probes: each target probed on a jittered interval, each probe with its own timeout.
+
+The jitter (uniform in ±50 % of the interval) keeps 168 nodes from probing an upstream in step. A probe's
+outcome reaches the target's breaker through :class:`failover.windows.GuardedUpstream`, like every push
+and pull does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+
+from adapters.base import UpstreamError
+from failover.windows import GuardedUpstream
+
+
+class Prober:
+    """Probes every target; ``run_once`` probes each once, ``run`` loops until stopped."""
+
+    def __init__(
+        self,
+        targets: list[GuardedUpstream],
+        *,
+        interval_s: float = 0.5,
+        timeout_s: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.targets = targets
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self._rng = rng or random.Random()
+        self._stop = asyncio.Event()
+        self.probes = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def probe(self, target: GuardedUpstream) -> bool:
+        self.probes += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await target.probe()
+        except TimeoutError:
+            # The adapter did not give up by itself: count it as the hard failure it is.
+            target.last_error = f"probe: no answer within {self.timeout_s:g} s"
+            target.breaker.record_failure(target.last_error)
+            return False
+        except UpstreamError:
+            return False
+        return True
+
+    async def run_once(self) -> dict[str, bool]:
+        results = await asyncio.gather(*(self.probe(t) for t in self.targets))
+        return {t.name: ok for t, ok in zip(self.targets, results, strict=True)}
+
+    async def _run_target(self, target: GuardedUpstream) -> None:
+        # Each target on its own schedule: a blackholed one must not delay probes of the other.
+        while not self._stop.is_set():
+            await self.probe(target)
+            delay = self.interval_s * self._rng.uniform(0.5, 1.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+
+    async def run(self) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*(self._run_target(t) for t in self.targets))
