@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 from hypothesis import given, settings
@@ -107,8 +108,12 @@ class TestRecovery:
     def test_open_time_is_jittered(self) -> None:
         opens = set()
         for seed in range(20):
-            b = Breaker("x", BreakerSettings(consecutive_failures=1, open_base_s=5, jitter=0.2),
-                        clock=lambda: 0.0, rng=random.Random(seed))
+            b = Breaker(
+                "x",
+                BreakerSettings(consecutive_failures=1, open_base_s=5, jitter=0.2),
+                clock=lambda: 0.0,
+                rng=random.Random(seed),
+            )
             b.record_failure()
             opens.add(round(b.open_until, 3))
             assert 4.0 <= b.open_until <= 6.0
@@ -132,5 +137,5 @@ class TestInvariants:
             _ = b.state
         legal = {("closed", "open"), ("open", "half_open"), ("half_open", "open"), ("half_open", "closed")}
         assert set(changes) <= legal
-        for (_, to), (frm, _) in zip(changes, changes[1:], strict=False):
+        for (_, to), (frm, _) in itertools.pairwise(changes):
             assert to == frm

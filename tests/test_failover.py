@@ -22,17 +22,22 @@ FAST = {"probe_interval_s": 0.2, "probe_timeout_s": 0.5, "open_base_s": 0.5, "op
 
 def failover_config(tmp_path: Path, ups: Upstreams, **failover: Any) -> Any:
     overrides = target_overrides(ups, timeout_s=1.0)
-    return load_config(env={}, overrides={
-        "node": {"unit": UNIT, "agency_code": AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "node")},
-        **overrides,
-        "failover": {**FAST, "hold_s": 1.0, **failover},
-    })
+    return load_config(
+        env={},
+        overrides={
+            "node": {"unit": UNIT, "agency_code": AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "node")},
+            **overrides,
+            "failover": {**FAST, "hold_s": 1.0, **failover},
+        },
+    )
 
 
 @contextlib.asynccontextmanager
 async def cluster(tmp_path: Path, **failover: Any) -> AsyncIterator[tuple[Node, str, aiohttp.ClientSession, Upstreams]]:
-    async with running_upstreams(tmp_path) as ups, \
-            running_node(failover_config(tmp_path, ups, **failover)) as (node, url, s):
+    async with (
+        running_upstreams(tmp_path) as ups,
+        running_node(failover_config(tmp_path, ups, **failover)) as (node, url, s),
+    ):
         yield node, url, s, ups
 
 
@@ -56,7 +61,7 @@ class TestSwitching:
     """The node notices on its own, switches, and comes back without flapping."""
 
     async def test_primary_down_switches_to_backup(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path) as (node, url, s, ups):
+        async with cluster(tmp_path) as (_node, url, s, ups):
             assert (await status(s, url))["active_source"] == "national"
             await ups.fault("national", mode="down")
             took = await until(lambda: _active(s, url, "city"), 5, "switch to the city system")
@@ -78,7 +83,8 @@ class TestSwitching:
             await ups.fault("national", mode="partial", rate=1.0)
             await post_workload(url, s, 5)
             healthy_at = time.monotonic() + await until(
-                lambda: _breaker(s, url, "national", "closed"), 10, "national breaker closes")
+                lambda: _breaker(s, url, "national", "closed"), 10, "national breaker closes"
+            )
             await asyncio.sleep(2.5)
             st = await status(s, url)
             assert st["active_source"] == "city", "failed back with a backlog still on the primary"
@@ -91,7 +97,7 @@ class TestSwitching:
             assert kinds == [("city", "national"), ("national", "city")]
 
     async def test_intermittent_errors_cost_at_most_one_switch(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path, hold_s=30.0) as (node, url, s, ups):
+        async with cluster(tmp_path, hold_s=30.0) as (_node, url, s, ups):
             await ups.fault("national", mode="error_rate", rate=0.3)
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline:
@@ -119,11 +125,11 @@ class TestSwitching:
     async def test_choice_survives_a_restart(self, tmp_path: Path) -> None:
         async with running_upstreams(tmp_path) as ups:
             config = failover_config(tmp_path, ups, hold_s=60.0)
-            async with running_node(config) as (node, url, s):
+            async with running_node(config) as (_node, url, s):
                 await ups.fault("national", mode="down")
                 await until(lambda: _active(s, url, "city"), 5, "switch")
             await ups.clear("national")
-            async with running_node(config) as (node, url, s):
+            async with running_node(config) as (_node, url, s):
                 st = await status(s, url)
                 assert st["active_source"] == "city"  # the hold time starts again; no instant failback
                 assert any(e["kind"] == "switch" for e in st["events"])
@@ -133,7 +139,7 @@ class TestDrillControls:
     """Forced choices lapse by themselves; fault windows open and close in the node's own path."""
 
     async def test_forced_choice_lapses_after_ttl(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path, hold_s=0.0) as (node, url, s, ups):
+        async with cluster(tmp_path, hold_s=0.0) as (_node, url, s, _ups):
             async with s.post(f"{url}/api/v1/admin/failover", json={"primary": "city", "ttl_s": 1}) as r:
                 assert r.status == 200
                 body = await r.json()
@@ -143,7 +149,7 @@ class TestDrillControls:
             assert "forced" in kinds and "forced_lapsed" in kinds
 
     async def test_auto_releases_a_forced_choice(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path, hold_s=0.0) as (node, url, s, ups):
+        async with cluster(tmp_path, hold_s=0.0) as (_node, url, s, _ups):
             async with s.post(f"{url}/api/v1/admin/failover", json={"primary": "city"}) as r:
                 forced_until = (await r.json())["forced"]["until"]
             assert forced_until  # the default TTL: an hour
@@ -153,8 +159,9 @@ class TestDrillControls:
 
     async def test_local_fault_window_switches_and_closes_by_itself(self, tmp_path: Path) -> None:
         async with cluster(tmp_path, hold_s=0.5) as (node, url, s, ups):
-            async with s.post(f"{url}/api/v1/admin/faults",
-                              json={"target": "national", "mode": "down", "seconds": 2}) as r:
+            async with s.post(
+                f"{url}/api/v1/admin/faults", json={"target": "national", "mode": "down", "seconds": 2}
+            ) as r:
                 assert r.status == 201
                 assert (await r.json())["windows"][0]["mode"] == "down"
             await until(lambda: _active(s, url, "city"), 5, "switch under a local fault window")
@@ -167,16 +174,17 @@ class TestDrillControls:
             assert set(codes) <= set(await wait_converged(node, ups))
 
     async def test_abort_closes_every_window(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path) as (node, url, s, ups):
+        async with cluster(tmp_path) as (_node, url, s, _ups):
             for t in ("national", "city"):
-                async with s.post(f"{url}/api/v1/admin/faults",
-                                  json={"target": t, "mode": "latency", "ms": 50, "seconds": 600}) as r:
+                async with s.post(
+                    f"{url}/api/v1/admin/faults", json={"target": t, "mode": "latency", "ms": 50, "seconds": 600}
+                ) as r:
                     assert r.status == 201
             async with s.delete(f"{url}/api/v1/admin/faults") as r:
                 assert (await r.json()) == {"closed": 2, "windows": []}
 
     async def test_bad_drill_requests_say_which_field(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path) as (node, url, s, ups):
+        async with cluster(tmp_path) as (_node, url, s, _ups):
             cases = [
                 ("failover", {"primary": "moon"}, "primary"),
                 ("failover", {"primary": "city", "ttl_s": -1}, "ttl_s"),
@@ -192,7 +200,9 @@ class TestDrillControls:
                 async with s.post(f"{url}/api/v1/admin/{path}", json=body) as r:
                     assert r.status == 422, (body, await r.text())
                     assert field in (await r.json())["error"]["fields"], body
-            async with s.post(f"{url}/api/v1/admin/faults", data="{", headers={"Content-Type": "application/json"}) as r:
+            async with s.post(
+                f"{url}/api/v1/admin/faults", data="{", headers={"Content-Type": "application/json"}
+            ) as r:
                 assert r.status == 400
 
 
@@ -212,9 +222,10 @@ class TestIntakeNeverWaits:
     """Upstream state never affects intake."""
 
     async def test_intake_with_primary_blackholed_locally(self, tmp_path: Path) -> None:
-        async with cluster(tmp_path) as (node, url, s, ups):
-            async with s.post(f"{url}/api/v1/admin/faults",
-                              json={"target": "national", "mode": "blackhole", "seconds": 30}) as r:
+        async with cluster(tmp_path) as (_node, url, s, _ups):
+            async with s.post(
+                f"{url}/api/v1/admin/faults", json={"target": "national", "mode": "blackhole", "seconds": 30}
+            ) as r:
                 assert r.status == 201
             started = time.monotonic()
             for _ in range(5):
