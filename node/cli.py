@@ -125,6 +125,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    from simulations.chaos_proxy import serve as serve_proxy
+    from simulations.chaos_proxy import split_address
+
+    try:
+        for address in (args.listen, args.upstream, args.control):
+            split_address(address)
+    except ValueError as exc:
+        print(f"wardsync proxy: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run_until_signal(
+        lambda stop: serve_proxy(
+            args.listen, args.upstream, args.control, stop, announce=lambda m: print(m, flush=True)
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wardsync", description="Offline-first dossier sync node for one unit.")
     parser.add_argument("--version", action="version", version=f"wardsync {__version__}")
@@ -158,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="./data/demo", help="directory for all three stores")
     p.add_argument("--dossiers", type=int, default=5, help="sample dossiers to accept at start")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("proxy", help="a TCP proxy that injects network faults in front of a stand-in")
+    p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT for clients (port 0: any free port)")
+    p.add_argument("--upstream", required=True, help="HOST:PORT of the stand-in behind the proxy")
+    p.add_argument("--control", default="127.0.0.1:0", help="HOST:PORT for the control API (POST/GET/DELETE /mode)")
+    p.set_defaults(func=_cmd_proxy)
     return parser
 
 
