@@ -89,6 +89,17 @@ class FeedPage:
     next: int = 0
 
 
+@dataclass(frozen=True)
+class Fetched:
+    """One dossier as an upstream holds it: a Y update (CRDT-native upstreams) or a DVCQG record."""
+
+    code: str
+    digest: str
+    update: bytes | None = None
+    state_vector: bytes | None = None
+    record: Mapping[str, Any] | None = None
+
+
 @runtime_checkable
 class Upstream(Protocol):
     """One upstream system (the national portal or the city system)."""
@@ -105,6 +116,10 @@ class Upstream(Protocol):
 
     async def feed(self, unit: str, since: int, limit: int) -> FeedPage:
         """The upstream's change feed for a unit, by the upstream's own commit sequence."""
+        ...
+
+    async def fetch(self, code: str, state_vector: bytes | None) -> Fetched | None:
+        """The dossier as the upstream holds it (a diff against ``state_vector`` where it can); None if unknown."""
         ...
 
     async def close(self) -> None:

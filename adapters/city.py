@@ -29,7 +29,7 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type informat
 import pycrdt
 import structlog
 
-from adapters.base import FeedItem, FeedPage, Outcome, Outgoing, PushResult, UpstreamError
+from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError
 from sync.statevector import EMPTY_STATE_VECTOR, covers, decode_state_vector
 
 log = structlog.get_logger()
@@ -133,6 +133,16 @@ class CityAdapter:
     async def feed(self, unit: str, since: int, limit: int) -> FeedPage:
         """The city's change feed for ``unit`` after commit sequence ``since``."""
         return await self._feed(unit, since, limit, op="feed")
+
+    async def fetch(self, code: str, state_vector: bytes | None) -> Fetched | None:
+        """The update the caller lacks for one Doc (diff against ``state_vector``); None when unknown."""
+        try:
+            update, sv, dig = await self.fetch_diff(code, state_vector)
+        except UpstreamError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return Fetched(code=code, digest=dig, update=update, state_vector=sv)
 
     async def fetch_diff(self, code: str, state_vector: bytes | None) -> tuple[bytes, bytes, str]:
         """``(update, state_vector, digest)``: what the city holds for ``code`` beyond ``state_vector``."""

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from adapters.base import FeedItem, FeedPage, Outcome, Outgoing, PushResult, UpstreamError
+from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError
 from sync.record import digest, step_key_of
 
 log = structlog.get_logger()
@@ -460,6 +460,19 @@ class NationalAdapter:
             "probe",
             lambda a: _is_ok(a.get("error_code")) or str(a.get("error_code")) == "-1",
         )
+
+    async def fetch(self, code: str, state_vector: bytes | None = None) -> Fetched | None:
+        """The portal's record of one dossier (TraCuuHoSo), steps included; None when it has none."""
+        answer = await self._call(
+            "TraCuuHoSo",
+            {"mahoso": code},
+            "lookup",
+            lambda a: _is_ok(a.get("error_code")) or str(a.get("error_code")) == "-1",
+        )
+        stored = answer.get("data")
+        if not _is_ok(answer.get("error_code")) or not isinstance(stored, dict):
+            return None
+        return Fetched(code=code, digest=digest(stored), record=stored)
 
     async def feed(self, unit: str, since: int, limit: int) -> FeedPage:
         """The portal's change feed for ``unit`` after ``since``."""

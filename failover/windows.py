@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.base import FeedPage, Outgoing, PushResult, Upstream, UpstreamError
+from adapters.base import FeedPage, Fetched, Outgoing, PushResult, Upstream, UpstreamError
 from failover.breaker import Breaker
 
 MODES = ("down", "blackhole", "latency", "error_rate")
@@ -132,6 +132,10 @@ class GuardedUpstream:
     async def feed(self, unit: str, since: int, limit: int) -> FeedPage:
         page: FeedPage = await self._call("feed", lambda: self.inner.feed(unit, since, limit))
         return page
+
+    async def fetch(self, code: str, state_vector: bytes | None) -> Fetched | None:
+        fetched: Fetched | None = await self._call("fetch", lambda: self.inner.fetch(code, state_vector))
+        return fetched
 
     async def close(self) -> None:
         await self.inner.close()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +29,7 @@ from node.service import DossierService
 from node.store import Store
 from sync import journal
 from sync.loop import Loop
+from sync.puller import Puller
 from sync.replicator import Replicator, ReplicatorSettings
 
 log = structlog.get_logger()
@@ -50,6 +53,8 @@ class Node:
         self.guarded: dict[str, GuardedUpstream] = {}
         self.breakers: dict[str, Breaker] = {}
         self.controller: Controller | None = None
+        self.pullers: dict[str, Puller] = {}
+        self._last_pull: dict[str, float] = {}
         self.prober: Prober | None = None
         self._http: aiohttp.ClientSession | None = None
         self.app = build_app(self)
@@ -89,7 +94,12 @@ class Node:
                 breaker = Breaker(upstream.name, breaker_settings, on_change=self._breaker_changed)
                 guarded = GuardedUpstream(upstream, breaker, self.windows, timeout_s=self._timeout_of(upstream.name))
                 self.breakers[upstream.name], self.guarded[upstream.name] = breaker, guarded
-                rep = Replicator(self.store, guarded, clock=self.clock, settings=settings)
+                rep = Replicator(
+                    self.store,
+                    guarded,
+                    clock=self.clock,
+                    settings=replace(settings, store_base=upstream.name == "national"),
+                )
                 loop = Loop(
                     f"push:{upstream.name}",
                     rep.run_once,
@@ -99,6 +109,11 @@ class Node:
                 )
                 self.service.listeners.append(loop.wake)
                 self.replicators[upstream.name], self.loops[upstream.name] = rep, loop
+            for name, guarded in self.guarded.items():
+                portal_cid = await self.service.client_id_for(name) if name == "national" else None
+                self.pullers[name] = Puller(
+                    self.store, self.service, guarded, unit=self.config.node.unit, portal_client_id=portal_cid
+                )
             if self.breakers:
                 backup = "city" if fo.primary == "national" else "national"
                 self.controller = Controller(
@@ -123,6 +138,15 @@ class Node:
             if self.replicators:
                 self.loops["prune"] = Loop("prune", self._prune, tick_s=600.0, backoff_cap_s=600.0)
                 self._tasks.create_task(self.loops["prune"].run(), name="prune")
+            for name in self.pullers:
+                self.loops[f"pull:{name}"] = Loop(
+                    f"pull:{name}",
+                    self._pull_step(name),
+                    tick_s=rc.pull_tick_s,
+                    backoff_base_s=rc.retry_base_s,
+                    backoff_cap_s=rc.retry_cap_s,
+                )
+                self._tasks.create_task(self.loops[f"pull:{name}"].run(), name=f"pull:{name}")
             if self.controller is not None and self.prober is not None:
                 self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
                 self._tasks.create_task(self.loops["failover"].run(), name="failover")
@@ -198,6 +222,18 @@ class Node:
         seeded = await self.service.seed_counters(codes)
         if seeded:
             log.info("seed_counters", days=seeded)
+
+    def _pull_step(self, name: str) -> Any:
+        async def step() -> bool:
+            # The active source every tick; the standby slowly, so a switch never starts from a cold cursor.
+            active = self.controller.active if self.controller is not None else name
+            now = time.monotonic()
+            if name != active and now - self._last_pull.get(name, 0.0) < self.config.replication.standby_pull_s:
+                return False
+            self._last_pull[name] = now
+            return await self.pullers[name].run_once()
+
+        return step
 
     def _timeout_of(self, name: str) -> float:
         target = self.config.national if name == "national" else self.config.city

@@ -72,6 +72,9 @@ class ReplicationSection:
     max_attempts: int = 8
     tick_s: float = 1.0
     seed_timeout_s: float = 5.0
+    # Pull the active source's feed this often; the standby's, so a switch never starts cold, this often.
+    pull_tick_s: float = 1.0
+    standby_pull_s: float = 30.0
     # Journal entries acknowledged by every target are pruned after this many hours.
     journal_retention_h: float = 168.0
     # Backoff between failed push calls: full jitter from retry_base_s doubling up to retry_cap_s.

@@ -101,6 +101,20 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE pull_cursors (
+            target TEXT PRIMARY KEY,
+            seq    INTEGER NOT NULL
+        ) WITHOUT ROWID;
+
+        CREATE TABLE portal_base (
+            code   TEXT PRIMARY KEY,
+            record TEXT NOT NULL
+        ) WITHOUT ROWID;
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -9,6 +9,7 @@ transaction fails it is reloaded or dropped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import secrets
@@ -71,7 +72,19 @@ class AddFee:
     idem: IdemKey | None = None
 
 
-Op = Intake | AddStep | AddFee
+@dataclass
+class Merge:
+    """Apply a Y update that came from elsewhere (an upstream or a peer), optionally with a pull cursor."""
+
+    code: str
+    update: bytes
+    origin: str
+    cursor: tuple[str, int] | None = None
+    base: dict[str, Any] | None = None  # the portal record this merge was computed against, kept as base
+    idem: IdemKey | None = None
+
+
+Op = Intake | AddStep | AddFee | Merge
 
 
 @dataclass
@@ -87,6 +100,9 @@ class _Batch:
     journal: list[tuple[int, str, bytes, str]] = field(default_factory=list)
     idem: list[tuple[str, str, str, int, str, str]] = field(default_factory=list)
     touched: set[str] = field(default_factory=set)
+    cursors: dict[str, int] = field(default_factory=dict)
+    minted: bool = False
+    bases: dict[str, str] = field(default_factory=dict)
 
 
 def request_hash(body: object) -> str:
@@ -145,6 +161,19 @@ class DossierService:
         self._journal_head = int(row[0]) if row else 0
         self._counters.clear()
 
+    async def client_id_for(self, writer: str) -> int:
+        """This node's own client id for what it writes on behalf of ``writer`` (an upstream); persisted."""
+        key = f"client_id:{writer}"
+        cid = await self.store.get_meta(key)
+        if cid is None:
+            new_id = secrets.randbelow(_MAX_CLIENT_ID - 1) + 1
+            while new_id == self.client_id:
+                new_id = secrets.randbelow(_MAX_CLIENT_ID - 1) + 1
+            row = (key, str(new_id))
+            await self.store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES (?, ?)", row))
+            cid = str(new_id)
+        return int(cid)
+
     @property
     def journal_head(self) -> int:
         return self._journal_head
@@ -185,6 +214,10 @@ class DossierService:
     async def add_fee(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
         return await self.writer.submit(AddFee(code, clean, idem))
 
+    async def merge(self, op: Merge) -> Result:
+        """Apply a remote Y update (200 unchanged, 201 changed or created); 422 when it is not a dossier."""
+        return await self.writer.submit(op)
+
     # -- the batch ----------------------------------------------------------------------------------
     async def _process(self, ops: list[Op]) -> list[Result | BaseException]:
         results: list[Result | BaseException | None] = [None] * len(ops)
@@ -202,7 +235,7 @@ class DossierService:
                 results[i] = self._apply(op, batch, now, day)
             except ApiError as exc:
                 results[i] = exc
-        if batch.journal or batch.idem:
+        if batch.journal or batch.idem or batch.cursors or batch.bases:
             try:
                 await self._commit(batch, day)
             except BaseException:
@@ -282,6 +315,8 @@ class DossierService:
             result = self._apply_intake(op, batch, now, day)
         elif isinstance(op, AddStep):
             result = self._apply_step(op, batch, now)
+        elif isinstance(op, Merge):
+            result = self._apply_merge(op, batch, now)
         else:
             result = self._apply_fee(op, batch, now)
         if op.idem is not None and result.status < 300:
@@ -298,6 +333,7 @@ class DossierService:
     def _apply_intake(self, op: Intake, batch: _Batch, now: Any, day: str) -> Result:
         clean = dict(op.clean)
         code = self._mint(day)
+        batch.minted = True
         received = dvcqg(now)
         documents = clean.pop("TaiLieuNop", None) or []
         fees = clean.pop("DanhSachLePhi", None) or []
@@ -385,6 +421,72 @@ class DossierService:
         self._cache.move_to_end(code)
         return Result(201, response_body(record_json, digest))
 
+    def _apply_merge(self, op: Merge, batch: _Batch, now: Any) -> Result:
+        if op.cursor is not None:
+            target, seq = op.cursor
+            batch.cursors[target] = max(seq, batch.cursors.get(target, 0))
+        if op.base is not None:
+            batch.bases[op.code] = _dumps(op.base)
+        if not op.update:
+            return Result(200, "{}")  # only a cursor (and maybe a base) to record
+        entry = self._cache.get(op.code)
+        if entry is None:
+            return self._merge_new(op, batch, now)
+        before = entry.doc.get_state()
+        try:
+            entry.doc.apply_update(op.update)
+        except Exception as exc:
+            # pycrdt reports a malformed update with various exception types; none of them may reach the loop.
+            self._cache.pop(op.code, None)  # the Doc may be half-applied: reload it from the store
+            raise ApiError(400, "corrupt_update", f"the update for {op.code} cannot be applied: {exc}") from exc
+        if entry.doc.get_state() == before:
+            return self._current(entry, 200)
+        self._observe_stamps(entry.doc)
+        return self._commit_change(op.code, entry, entry.doc.get_update(before), batch, now)
+
+    def _observe_stamps(self, doc: Doc[Any]) -> None:
+        # Later local steps must sort after what arrived; a stamp far ahead is clamped by the HLC itself.
+        stamps = [v.get(HLC_FIELD) for v in ydoc.steps_map(doc).values() if isinstance(v, dict)]
+        latest = max((s for s in stamps if isinstance(s, str)), default=None)
+        if latest is not None:
+            with contextlib.suppress(ValueError):
+                self.hlc.observe(Stamp.decode(latest))
+
+    def _merge_new(self, op: Merge, batch: _Batch, now: Any) -> Result:
+        """A dossier this node has not held yet (received elsewhere, or online through an upstream)."""
+        doc = ydoc.new_doc(op.code, self.client_id)
+        try:
+            doc.apply_update(op.update)
+        except Exception as exc:
+            raise ApiError(400, "corrupt_update", f"the update for {op.code} cannot be applied: {exc}") from exc
+        record, conflicts = materialise(doc)
+        self._observe_stamps(doc)
+        if record.get("MaHoSo") != op.code:
+            raise ApiError(422, "not_a_dossier", f"the update does not hold dossier {op.code} (MaHoSo differs)")
+        update = doc.get_update()
+        record_json, digest = _dumps(record), _digest(record)
+        at = iso(now)
+        seq = self._next_seq()
+        batch.journal.append((seq, op.code, update, at))
+        receiving = str(record.get("MaDonViTiepNhan") or "")
+        competent = str(record.get("MaDonViXuLy") or receiving)
+        batch.inserts[op.code] = (
+            op.code,
+            receiving,
+            competent,
+            record["TrangThaiHoSo"],
+            update,
+            record_json,
+            digest,
+            _dumps(conflicts),
+            at,
+            at,
+            seq,
+        )
+        batch.touched.add(op.code)
+        self._remember(op.code, _Entry(doc, record))
+        return Result(201, response_body(record_json, digest))
+
     def _apply_step(self, op: AddStep, batch: _Batch, now: Any) -> Result:
         entry = self._entry(op.code)
         step = {**op.clean, "MaHoSo": op.code}
@@ -439,7 +541,7 @@ class DossierService:
 
     async def _commit(self, batch: _Batch, day: str) -> None:
         key = (self.agency, day)
-        counter = (*key, self._counters[key]) if batch.inserts else None
+        counter = (*key, self._counters[key]) if batch.minted else None
         hlc = self.hlc.last.encode()
         await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc))
 
@@ -471,6 +573,18 @@ def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, st
             "INSERT OR IGNORE INTO idempotency (scope, key, request_hash, status, body, created_at)"
             " VALUES (?,?,?,?,?,?)",
             batch.idem,
+        )
+    if batch.cursors:
+        conn.executemany(
+            "INSERT INTO pull_cursors (target, seq) VALUES (?, ?)"
+            " ON CONFLICT (target) DO UPDATE SET seq = max(seq, excluded.seq)",
+            list(batch.cursors.items()),
+        )
+    if batch.bases:
+        conn.executemany(
+            "INSERT INTO portal_base (code, record) VALUES (?, ?)"
+            " ON CONFLICT (code) DO UPDATE SET record = excluded.record",
+            list(batch.bases.items()),
         )
     conn.execute(
         "INSERT INTO meta (key, value) VALUES ('hlc', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",

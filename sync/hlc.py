@@ -76,13 +76,18 @@ class HLC:
         self._last = nxt
         return nxt
 
-    def observe(self, remote: Stamp) -> Stamp:
-        """Merge a remote stamp; one too far ahead of the local clock is clamped and logged."""
+    def clamp(self, remote: Stamp) -> Stamp:
+        """A remote stamp, or the local clock plus the bounded offset if it lies further ahead (logged)."""
         pt = self._physical()
         limit = pt + self.max_offset_ms
         if remote.ms > limit:
             log.warning("hlc_remote_clamped", remote=remote.encode(), offset_ms=remote.ms - pt)
-            remote = Stamp(limit, 0)
+            return Stamp(limit, 0)
+        return remote
+
+    def observe(self, remote: Stamp) -> Stamp:
+        """Merge a remote stamp; one too far ahead of the local clock is clamped and logged."""
+        remote = self.clamp(remote)
         if remote > self._last:
             self._last = remote
         return self.now()

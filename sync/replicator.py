@@ -61,6 +61,8 @@ class ReplicatorSettings:
     call_attempts: int = 3  # tries of one push call before the step fails and the loop backs off
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
+    # Keep the record each acknowledgement covered: the base of the portal's three-way merge.
+    store_base: bool = False
 
 
 class Replicator:
@@ -203,8 +205,23 @@ class Replicator:
                     )
                 )
         target = self.target
+        bases = (
+            [
+                (r.code, json.dumps(by_code[r.code].record, ensure_ascii=False))
+                for r in results
+                if r.outcome is Outcome.ACKED and r.code in by_code
+            ]
+            if self.settings.store_base
+            else []
+        )
 
         def write(conn: sqlite3.Connection) -> None:
+            if bases:
+                conn.executemany(
+                    "INSERT INTO portal_base (code, record) VALUES (?, ?)"
+                    " ON CONFLICT (code) DO UPDATE SET record = excluded.record",
+                    bases,
+                )
             if rows:
                 conn.executemany(
                     "INSERT INTO replication (target, code, state, digest, acked_digest, ack, attempts, last_error,"

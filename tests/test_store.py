@@ -76,6 +76,10 @@ SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
              "reason": "primary national is down"},
         ),
     ],
+    5: [
+        ("pull_cursors", {"target": "city", "seq": 3}),
+        ("portal_base", {"code": _DOSSIER_ROW["code"], "record": "{}"}),
+    ],
 }
 
 

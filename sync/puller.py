@@ -1,0 +1,106 @@
+"""Inbound changes: one puller per upstream follows that upstream's feed for this unit.
+
+From the city system it fetches, per changed dossier, the diff against the node's own state vector (so
+echoes of its own pushes are empty). From the portal it fetches the record and merges it by a three-way
+diff against the last record acknowledged by or pulled from the portal (:mod:`sync.merge`). The feed
+cursor is committed in the same transaction as the last merge of a page, so a crash re-reads at most a
+page, and merging twice changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pycrdt
+import structlog
+
+from adapters.base import Fetched, Upstream, UpstreamError
+from node.errors import ApiError
+from node.service import DossierService, Merge
+from node.store import Store
+from sync.merge import portal_update
+
+log = structlog.get_logger()
+
+
+class Puller:
+    """Pulls one upstream's changes for one unit into the node."""
+
+    def __init__(
+        self,
+        store: Store,
+        service: DossierService,
+        upstream: Upstream,
+        *,
+        unit: str,
+        portal_client_id: int | None = None,
+        page_size: int = 200,
+        concurrency: int = 8,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.upstream = upstream
+        self.target = upstream.name
+        self.unit = unit
+        self.portal_client_id = portal_client_id
+        self.page_size = page_size
+        self._sem = asyncio.Semaphore(concurrency)
+        self.pulled = 0
+        self.merged = 0
+        self.refused = 0
+
+    async def cursor(self) -> int:
+        row = await self.store.fetchone("SELECT seq FROM pull_cursors WHERE target = ?", (self.target,))
+        return int(row[0]) if row else 0
+
+    async def run_once(self) -> bool:
+        """Pull one page of the feed; True when more is waiting."""
+        since = await self.cursor()
+        page = await self.upstream.feed(self.unit, since, self.page_size)
+        codes = list(dict.fromkeys(item.code for item in page.items))
+        fetched = await asyncio.gather(*(self._fetch(code) for code in codes))
+        for code, item in zip(codes, fetched, strict=True):
+            if item is not None:
+                await self._merge(code, item)
+        if page.next > since:
+            await self.service.merge(Merge("", b"", self.target, cursor=(self.target, page.next)))
+        self.pulled += len(codes)
+        return len(page.items) >= self.page_size
+
+    async def _fetch(self, code: str) -> Fetched | None:
+        async with self._sem:
+            row = await self.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            sv = pycrdt.get_state(bytes(row[0])) if row is not None else None
+            return await self.upstream.fetch(code, sv)
+
+    async def _merge(self, code: str, fetched: Fetched) -> None:
+        if fetched.update is not None:
+            op = Merge(code, fetched.update, self.target)
+        elif fetched.record is not None:
+            op = await self._portal_merge(code, fetched.record)
+        else:
+            return
+        try:
+            result = await self.service.merge(op)
+        except ApiError as exc:
+            # An upstream's copy that is not a valid dossier must not stop the feed; it is logged for people.
+            self.refused += 1
+            log.error("pull_refused", target=self.target, code=code, reason=exc.message)
+            return
+        if result.status == 201:
+            self.merged += 1
+
+    async def _portal_merge(self, code: str, remote: Any) -> Merge:
+        row = await self.store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
+        base_row = await self.store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
+        state, local = (bytes(row[0]), json.loads(row[1])) if row is not None else (None, None)
+        base = json.loads(base_row[0]) if base_row is not None else None
+        assert self.portal_client_id is not None
+        update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id,
+                               hlc=self.service.hlc)
+        return Merge(code, update or b"", self.target, base=dict(remote))
+
+
+__all__ = ["Puller", "UpstreamError"]
