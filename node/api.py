@@ -156,6 +156,28 @@ async def add_fee(request: web.Request) -> web.Response:
     return _reply(await request.app[SERVICE].add_fee(code, clean, idem))
 
 
+async def forward(request: web.Request) -> web.Response:
+    """The receiving unit hands a boundary-free dossier to its competent unit (forwarding 1 → 4)."""
+    return await _forwarding(request, "forward")
+
+
+async def take_over(request: web.Request) -> web.Response:
+    """The competent unit takes a forwarded dossier over (forwarding 4 → 2)."""
+    return await _forwarding(request, "take-over")
+
+
+async def _forwarding(request: web.Request, action: str) -> web.Response:
+    code = request.match_info["code"]
+    if request.can_read_body:
+        body = await read_json(request)
+        if body not in ({}, None):
+            raise ApiError(
+                422, "validation_failed", "this action takes no fields", fields={"$": "send an empty body or none"}
+            )
+    idem = idempotency(request, f"POST /api/v1/dossiers/{code}/{action}", {})
+    return _reply(await request.app[SERVICE].forwarding(code, action, idem))
+
+
 async def get_dossier(request: web.Request) -> web.Response:
     code = request.match_info["code"]
     row = await request.app[STORE].fetchone("SELECT record, digest, conflicts FROM dossiers WHERE code = ?", (code,))
@@ -467,6 +489,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/dossiers/{code}", get_dossier)
     app.router.add_post("/api/v1/dossiers/{code}/steps", add_step)
     app.router.add_post("/api/v1/dossiers/{code}/fees", add_fee)
+    app.router.add_post("/api/v1/dossiers/{code}/forward", forward)
+    app.router.add_post("/api/v1/dossiers/{code}/take-over", take_over)
     app.router.add_get("/api/v1/changes", changes)
     app.router.add_get("/api/v1/status", status)
     app.router.add_get("/api/v1/dead-letters", dead_letters)

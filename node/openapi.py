@@ -289,6 +289,30 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            "/api/v1/dossiers/{code}/forward": {
+                "post": {
+                    "summary": "Receiving unit forwards a boundary-free dossier to its competent unit (1 → 4)",
+                    "parameters": [_CODE, _IDEM],
+                    "responses": {
+                        "201": {"description": "Forwarded", **_json(_ref("Dossier"))},
+                        "200": {"description": "Already forwarded", **_json(_ref("Dossier"))},
+                        "403": {"description": "This node is not the receiving unit", **_json(_ref("Error"))},
+                        **_errors(404, 409, 422),
+                    },
+                },
+            },
+            "/api/v1/dossiers/{code}/take-over": {
+                "post": {
+                    "summary": "Competent unit takes a forwarded dossier over (4 → 2); returning its result sets 3",
+                    "parameters": [_CODE, _IDEM],
+                    "responses": {
+                        "201": {"description": "Taken over", **_json(_ref("Dossier"))},
+                        "200": {"description": "Already taken over", **_json(_ref("Dossier"))},
+                        "403": {"description": "This node is not the competent unit", **_json(_ref("Error"))},
+                        **_errors(404, 409, 422),
+                    },
+                },
+            },
             "/api/v1/changes": {
                 "get": {
                     "summary": "Dossiers changed after a local sequence number, in sequence order",

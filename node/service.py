@@ -73,6 +73,23 @@ class AddFee:
 
 
 @dataclass
+class SetForwarding:
+    """Move a boundary-free dossier along 1 received → 4 forwarded → 2 taken over (→ 3 on return)."""
+
+    code: str
+    action: str  # "forward" (receiving unit) or "take-over" (competent unit)
+    idem: IdemKey | None = None
+
+
+# action: (state it sets, field naming the unit allowed to do it, who that is)
+FORWARDING_STEPS = {
+    "forward": (4, "MaDonViTiepNhan", "receiving"),
+    "take-over": (2, "MaDonViXuLy", "competent"),
+}
+FORWARDING_FROM = {"forward": 1, "take-over": 4}
+
+
+@dataclass
 class Merge:
     """Apply a Y update that came from elsewhere (an upstream or a peer), optionally with a pull cursor."""
 
@@ -84,7 +101,7 @@ class Merge:
     idem: IdemKey | None = None
 
 
-Op = Intake | AddStep | AddFee | Merge
+Op = Intake | AddStep | AddFee | Merge | SetForwarding
 
 
 @dataclass
@@ -214,6 +231,9 @@ class DossierService:
     async def add_fee(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
         return await self.writer.submit(AddFee(code, clean, idem))
 
+    async def forwarding(self, code: str, action: str, idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(SetForwarding(code, action, idem))
+
     async def merge(self, op: Merge) -> Result:
         """Apply a remote Y update (200 unchanged, 201 changed or created); 422 when it is not a dossier."""
         return await self.writer.submit(op)
@@ -317,6 +337,8 @@ class DossierService:
             result = self._apply_step(op, batch, now)
         elif isinstance(op, Merge):
             result = self._apply_merge(op, batch, now)
+        elif isinstance(op, SetForwarding):
+            result = self._apply_forwarding(op, batch, now)
         else:
             result = self._apply_fee(op, batch, now)
         if op.idem is not None and result.status < 300:
@@ -506,11 +528,46 @@ class DossierService:
                 extra={"current": current, "allowed": allowed},
             )
         stamp = self.hlc.now().encode()
+        # Returning the result of a boundary-free dossier also ends its forwarding (state 3, returned).
+        returned = status == 10 and entry.record.get("TrangThaiPhiDiaGioi") in (2, 4)
 
         def write(d: Doc[Any]) -> None:
             ydoc.add_step(d, step, stamp)
+            if returned:
+                ydoc.put_fields(d, {"TrangThaiPhiDiaGioi": 3})
 
         update = ydoc.change(entry.doc, write)
+        return self._commit_change(op.code, entry, update, batch, now)
+
+    def _apply_forwarding(self, op: SetForwarding, batch: _Batch, now: Any) -> Result:
+        entry = self._entry(op.code)
+        record = entry.record
+        current = record.get("TrangThaiPhiDiaGioi")
+        if current is None:
+            raise ApiError(
+                409,
+                "not_boundary_free",
+                f"{op.code} is handled by the unit that received it; there is nothing to forward",
+            )
+        wanted, actor_field, actor = FORWARDING_STEPS[op.action]
+        if current == wanted:
+            return self._current(entry, 200)
+        expected = FORWARDING_FROM[op.action]
+        if current != expected:
+            raise ApiError(
+                409,
+                "illegal_forwarding",
+                f"forwarding state is {current}; {op.action} needs state {expected}",
+                extra={"current": current},
+            )
+        if record.get(actor_field) != self.unit:
+            raise ApiError(
+                403,
+                "wrong_unit",
+                f"only the {actor} unit ({record.get(actor_field)}) can {op.action}"
+                f" {op.code}; this node is unit {self.unit}",
+            )
+        update = ydoc.change(entry.doc, lambda d: ydoc.put_fields(d, {"TrangThaiPhiDiaGioi": wanted}))
         return self._commit_change(op.code, entry, update, batch, now)
 
     def _apply_fee(self, op: AddFee, batch: _Batch, now: Any) -> Result:

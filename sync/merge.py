@@ -100,8 +100,18 @@ def portal_update(
         f: Map[Any] = scratch.get(FIELDS, type=Map)
         for name, value in fields.items():
             f[name] = value
+        # The portal's times have one-second resolution: a step must never sort before a step the Doc
+        # already holds from the same or an earlier second, and portal steps keep the portal's order.
+        known = [(str(v.get("ThoiDiemXuLy", "")), Stamp.decode(str(v["hlc"])))
+                 for v in ydoc.steps_map(scratch).values() if isinstance(v, dict) and "hlc" in v]
         for step in steps:
-            ydoc.add_step(scratch, {**step, "MaHoSo": code}, stamp_of(str(step.get("ThoiDiemXuLy", "")), hlc))
+            when = str(step.get("ThoiDiemXuLy", ""))
+            stamp = Stamp.decode(stamp_of(when, hlc))
+            floor = max((st for t, st in known if t <= when), default=None)
+            if floor is not None and stamp <= floor:
+                stamp = Stamp(floor.ms, floor.counter + 1)
+            known.append((when, stamp))
+            ydoc.add_step(scratch, {**step, "MaHoSo": code}, stamp.encode())
         for d in documents:
             ydoc.add_document(scratch, d)
         for fee in fees:
