@@ -101,6 +101,8 @@ class TestBoundaryFree:
             status, taken = await post(b, f"/api/v1/dossiers/{code}/take-over")
             assert status == 201 and taken["TrangThaiPhiDiaGioi"] == 2
             for st in (4, 9, 10):
+                # An officer's steps lie seconds apart; the portal's times have one-second resolution.
+                await asyncio.sleep(1.05)
                 status, body = await post(b, f"/api/v1/dossiers/{code}/steps",
                                           {"TrangThai": st, "NguoiXuLy": "Cán bộ phường Sài Gòn"})
                 assert status == 201, body
