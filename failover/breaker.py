@@ -3,8 +3,9 @@
 Defaults and where they come from:
 
 - ``consecutive_failures = 4``: Envoy's outlier detection ejects a host after 5 consecutive 5xx
-  (``consecutive_5xx``). A ward node probes every ~0.5 s, so 4 hard failures in a row is about 2 s
-  of evidence for a refused connection and, with a 2 s probe timeout, under 10 s for a blackhole;
+  (``consecutive_5xx``). A ward node calls each target about once a second (pulls, and probes when
+  nothing else went out), so 4 hard failures in a row is 2 to 4 s of evidence for a refused
+  connection and, with a 2 s probe timeout, about 10 s for a blackhole;
   a primary failing 30 % of calls at random reaches 4 in a row rarely (0.8 % of runs of four).
 - ``failure_rate = 0.5`` over ``window_s = 30`` once ``min_calls = 10`` calls were seen: resilience4j's
   ``failureRateThreshold`` is 50 % by default, with ``minimumNumberOfCalls`` 100 on a busy service;

@@ -31,6 +31,8 @@ AUTO = "auto"
 DEFAULT_TTL_S = 3600.0
 MAX_TTL_S = 7 * 24 * 3600.0
 RECENT_EVENTS = 50
+# How long, in hold times, a switch away from the primary counts towards damping the next failback.
+FLAP_MEMORY_HOLDS = 10
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class Controller:
         self.forced: Forced | None = None
         self.events: list[dict[str, Any]] = []
         self.switches = 0
+        self._switched_away: list[float] = []
 
     async def load(self) -> None:
         row = await self.store.fetchone("SELECT value FROM meta WHERE key = 'failover'")
@@ -109,7 +112,7 @@ class Controller:
                 elif self.breakers[p].state is BreakerState.OPEN:
                     await self._switch(None, f"{p} is down and no backup is healthy: offline, intake continues")
         elif self.active == b and b is not None:
-            if self.healthy(p) and self.healthy_for(p) >= self.hold_s:
+            if self.healthy(p) and self.healthy_for(p) >= self.effective_hold():
                 backlog = await self._backlog(p)
                 if backlog == 0:
                     await self._switch(
@@ -126,6 +129,16 @@ class Controller:
             await self._switch(b, f"backup {b} is reachable, primary {p} is not")
         return self.active
 
+    def effective_hold(self) -> float:
+        """The hold time, doubled for every further switch away from the primary in the recent past.
+
+        A primary that flaps can look healthy for longer than ``hold_s`` between two outages; damping the
+        failback the way route-flap damping does keeps such a primary from costing a switch per flap.
+        """
+        horizon = self._mono() - FLAP_MEMORY_HOLDS * max(self.hold_s, 1.0)
+        recent = sum(1 for t in self._switched_away if t >= horizon)
+        return float(self.hold_s * 2 ** max(0, min(recent - 1, 6)))
+
     async def force(self, choice: str, ttl_s: float = DEFAULT_TTL_S) -> None:
         """Pin the active source for ``ttl_s`` seconds, or release a pin with ``"auto"``."""
         if choice == AUTO:
@@ -140,6 +153,8 @@ class Controller:
 
     async def _switch(self, to: str | None, reason: str) -> None:
         frm, self.active = self.active, to
+        if frm == self.primary and to != self.primary:
+            self._switched_away.append(self._mono())
         self.switches += 1
         log.warning("failover_switch", from_source=frm, to_source=to, reason=reason)
         await self._record("switch", frm, to, reason)
@@ -177,6 +192,7 @@ class Controller:
             if self.forced is None
             else {"source": self.forced.source, "until": iso_epoch(self.forced.until)},
             "hold_s": self.hold_s,
+            "effective_hold_s": self.effective_hold(),
         }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 
 from adapters.base import UpstreamError
 from failover.windows import GuardedUpstream
@@ -57,7 +58,11 @@ class Prober:
     async def _run_target(self, target: GuardedUpstream) -> None:
         # Each target on its own schedule: a blackholed one must not delay probes of the other.
         while not self._stop.is_set():
-            await self.probe(target)
+            # A call that succeeded within the interval already says the target is well: 168 nodes must not
+            # add a steady probe load to an upstream they are talking to anyway.
+            recent = target.last_ok is not None and time.time() - target.last_ok < self.interval_s
+            if not recent:
+                await self.probe(target)
             delay = self.interval_s * self._rng.uniform(0.5, 1.5)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=delay)

@@ -114,7 +114,7 @@ class GuardedUpstream:
             await self.windows.apply(self.name, op, self.timeout_s)
             result = await fn()
         except UpstreamError as exc:
-            self.last_error = f"{op}: {exc}"
+            self.last_error = str(exc) if str(exc).startswith(op) else f"{op}: {exc}"
             if exc.hard:
                 self.breaker.record_failure(str(exc))
             raise

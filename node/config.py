@@ -87,7 +87,7 @@ class FailoverSection:
     """Health probes, breakers and the active-source choice (see failover/breaker.py for the defaults)."""
 
     primary: str = "national"
-    probe_interval_s: float = 0.5
+    probe_interval_s: float = 1.0
     probe_timeout_s: float = 2.0
     hold_s: float = 60.0
     evaluate_s: float = 0.25
