@@ -18,6 +18,7 @@ from node.errors import ApiError, validation_error
 from node.openapi import openapi_document
 from node.service import DossierService, IdemKey, Result, request_hash
 from node.store import Store, StoreError
+from sync import ws
 
 log = structlog.get_logger()
 
@@ -499,6 +500,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/admin/faults", admin_faults_open)
     app.router.add_get("/api/v1/admin/faults", admin_faults_list)
     app.router.add_delete("/api/v1/admin/faults", admin_faults_clear)
+    ws.add_routes(app)  # GET /sync/v1/{code}: Yjs sync over a WebSocket
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/openapi.json", openapi)

@@ -432,6 +432,16 @@ def openapi_document() -> dict[str, Any]:
                     "responses": {"202": {"description": "Queued again", **_json({"type": "object"})}, **_errors(404)},
                 },
             },
+            "/sync/v1/{code}": {
+                "get": {
+                    "summary": "Yjs sync for one dossier: a WebSocket speaking the y-websocket protocol",
+                    "parameters": [_CODE],
+                    "responses": {
+                        "101": {"description": "WebSocket open; refusals close with 4400, unknown code with 4404"},
+                        "426": {"description": "Not a WebSocket upgrade", **_json(_ref("Error"))},
+                    },
+                },
+            },
             "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
             "/readyz": {
                 "get": {

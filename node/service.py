@@ -29,6 +29,7 @@ from sync import doc as ydoc
 from sync.hlc import HLC, Stamp
 from sync.record import HLC_FIELD, build_record, materialise, normalise, step_key_of
 from sync.record import digest as _digest
+from sync.yupdate import Refused, decode_update
 
 log = structlog.get_logger()
 
@@ -451,6 +452,11 @@ class DossierService:
             batch.bases[op.code] = _dumps(op.base)
         if not op.update:
             return Result(200, "{}")  # only a cursor (and maybe a base) to record
+        try:
+            # Read the update's shape before yrs does: a deeply nested value would crash the process.
+            decode_update(op.update)
+        except Refused as exc:
+            raise ApiError(400, "corrupt_update", f"the update for {op.code} is refused: {exc.message}") from exc
         entry = self._cache.get(op.code)
         if entry is None:
             return self._merge_new(op, batch, now)

@@ -69,6 +69,24 @@ class Puller:
         self.pulled += len(codes)
         return len(page.items) >= self.page_size
 
+    async def pull_codes(self, codes: list[str]) -> list[str]:
+        """Fetch and merge these dossiers now, outside the feed; the codes whose merge changed the node.
+
+        Anti-entropy's way in for what the feed never showed (a cursor that ran past it) or what differs
+        anyway. The feed cursor stays where it is: these codes say nothing about the rest of the feed.
+        """
+        unique = list(dict.fromkeys(codes))
+        fetched = await asyncio.gather(*(self._fetch(code) for code in unique))
+        changed: list[str] = []
+        for code, item in zip(unique, fetched, strict=True):
+            if item is not None:
+                before = self.merged
+                await self._merge(code, item)
+                if self.merged > before:
+                    changed.append(code)
+        self.pulled += len(unique)
+        return changed
+
     async def _fetch(self, code: str) -> Fetched | None:
         async with self._sem:
             row = await self.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))

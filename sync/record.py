@@ -139,3 +139,15 @@ def canonical_json(record: Mapping[str, Any]) -> bytes:
 def digest(record: Mapping[str, Any]) -> str:
     """sha256 of the record's canonical JSON."""
     return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+def bucket_of(code: str, buckets: int) -> int:
+    """The anti-entropy bucket of a dossier code: ``int(sha256(code)[:8], 16) % buckets``.
+
+    Here because the node and both stand-ins must split a unit's dossiers the same way, or a bucket's
+    digests would be compared against another bucket's. A hash of the code, not of the day or sequence
+    inside it, so every bucket gets its share of each day's dossiers.
+    """
+    if buckets < 1:
+        raise ValueError("buckets must be at least 1")
+    return int(hashlib.sha256(code.encode()).hexdigest()[:8], 16) % buckets

@@ -268,6 +268,36 @@ class Replicator:
 
         return await self.store.write(write)
 
+    async def requeue(self, codes: Sequence[str], *, reason: str = "anti-entropy: the upstream differs") -> int:
+        """Push these dossiers again from scratch, whatever their rows say; the number queued.
+
+        For a dossier whose row claims the upstream holds it while the upstream says otherwise (it lost it,
+        or holds another version). The acknowledged digest and the ack go too: the ack is the adapter's idea
+        of what the upstream holds (the city's state vector, the portal's acknowledged steps), and it has
+        just been proven wrong, so the next push must send the whole dossier, not a diff against it. Codes
+        the node does not hold are left out: a row for them would stay pending with nothing to send.
+        """
+        target, at = self.target, iso(self.clock.now())
+        unique = list(dict.fromkeys(codes))
+
+        def write(conn: sqlite3.Connection) -> int:
+            queued = 0
+            for i in range(0, len(unique), _SQL_CHUNK):
+                chunk = unique[i : i + _SQL_CHUNK]
+                marks = ",".join("?" for _ in chunk)
+                queued += conn.execute(
+                    "INSERT INTO replication (target, code, state, digest, acked_digest, ack, attempts, last_error,"
+                    " next_at, updated_at) SELECT ?, code, 'pending', NULL, NULL, NULL, 0, ?, 0, ? FROM dossiers"
+                    f" WHERE code IN ({marks})"
+                    " ON CONFLICT (target, code) DO UPDATE SET state = 'pending', digest = NULL, acked_digest = NULL,"
+                    " ack = NULL, attempts = 0, last_error = excluded.last_error, next_at = 0,"
+                    " updated_at = excluded.updated_at",
+                    [target, reason, at, *chunk],
+                ).rowcount
+            return queued
+
+        return await self.store.write(write) if unique else 0
+
     async def lag(self, journal_head: int) -> dict[str, Any]:
         cursor = await self.cursor()
         row = await self.store.fetchone(

@@ -1,0 +1,213 @@
+"""Reading a Yjs v1 update's shape from its bytes, without applying it.
+
+A peer's or an upstream's update is checked here before yrs sees it: yrs decodes nested values
+recursively and a deep enough one overflows its stack and kills the process, and a dossier's Doc can
+only hold plain values under keys of its four root Maps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sync.record import DOCUMENTS, FEES, FIELDS, STEPS
+
+ROOTS = (FIELDS, STEPS, DOCUMENTS, FEES)
+
+# Dossier values are shallow JSON (the API accepts 16 levels); yrs decodes nested values recursively
+# and overflows its stack on a deep enough one (about 100,000 levels kill the process), so nesting is
+# bounded here, before yrs sees the bytes.
+MAX_VALUE_DEPTH = 32
+# yrs clocks are 32-bit; Yjs client ids are at most 53 bits (they travel as JavaScript numbers).
+_MAX_CLOCK = 2**32 - 1
+_MAX_CLIENT = 2**53 - 1
+_MAX_REASON_BYTES = 123  # a WebSocket close frame carries at most 125 bytes, two of them the code
+
+
+class Refused(Exception):
+    """An update (or message) the node will not take, with a code and a reason for the sender."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+    def reason(self) -> bytes:
+        """The close reason: UTF-8, cut on a character boundary to fit a close frame."""
+        raw = f"{self.code}: {self.message}".encode()
+        if len(raw) <= _MAX_REASON_BYTES:
+            return raw
+        return raw[: _MAX_REASON_BYTES - 3].decode(errors="ignore").encode() + "…".encode()
+
+
+class Reader:
+    """lib0 decoding with bounds checks: every malformed input becomes a ``Refused``, never an IndexError."""
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def fail(self, detail: str) -> Refused:
+        return Refused("malformed_message" if self.what == "message" else "corrupt_update", detail)
+
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def byte(self) -> int:
+        if self.pos >= len(self.data):
+            raise self.fail(f"the {self.what} is truncated at byte {self.pos}")
+        value = self.data[self.pos]
+        self.pos += 1
+        return value
+
+    def uint(self) -> int:
+        value = shift = 0
+        while True:
+            byte = self.byte()
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise self.fail(f"a number in the {self.what} is longer than 64 bits")
+
+    def signed(self) -> None:
+        # lib0 signed varint: sign and six bits in the first byte, then seven bits per byte.
+        byte = self.byte()
+        while byte & 0x80:
+            byte = self.byte()
+
+    def take(self, n: int) -> bytes:
+        if n > len(self.data) - self.pos:
+            raise self.fail(f"the {self.what} is truncated: {n} bytes announced at byte {self.pos}")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def string(self) -> str:
+        try:
+            return self.take(self.uint()).decode()
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"a string in the {self.what} is not UTF-8") from exc
+
+
+@dataclass
+class UpdateShape:
+    """What an update writes and deletes, read from its bytes without applying it."""
+
+    # client id → (first clock, clock after the last struct) of the update's run of structs
+    runs: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # (client id, first clock, length) of each deleted range
+    deletes: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+# Item content refs (Yjs encoding v1). Only plain values (Any) and deleted content fit a dossier's Maps.
+_GC, _DELETED, _JSON, _BINARY, _STRING, _EMBED, _FORMAT, _TYPE, _ANY, _SUBDOC, _SKIP = range(11)
+_FOREIGN_CONTENT = {
+    _JSON: "legacy JSON content",
+    _BINARY: "a binary value",
+    _STRING: "text content",
+    _EMBED: "a text embed",
+    _FORMAT: "text formatting",
+    _TYPE: "a nested shared type",
+    _SUBDOC: "a subdocument",
+}
+
+
+def decode_update(update: bytes) -> UpdateShape:
+    """The runs of structs and the delete set of a Yjs v1 update; refuses anything a dossier cannot hold.
+
+    A dossier's Doc holds only the four root Maps with plain values under keys, so every item that names
+    its parent must name one of them and a key; an item that names none inherits both from its origin,
+    which is either in the Doc already (a key of a root Map) or earlier in this update (checked here).
+    """
+    r = Reader(update, "update")
+    shape = UpdateShape()
+    for _ in range(r.uint()):
+        count, client, clock = r.uint(), r.uint(), r.uint()
+        if client > _MAX_CLIENT:
+            raise r.fail(f"client id {client} is beyond 53 bits")
+        if client in shape.runs:
+            raise r.fail(f"client {client} appears twice in the update")
+        start = clock
+        for _ in range(count):
+            clock += _struct_length(r)
+            if clock > _MAX_CLOCK:
+                raise r.fail(f"clock {clock} of client {client} is beyond 32 bits")
+        shape.runs[client] = (start, clock)
+    for _ in range(r.uint()):
+        client = r.uint()
+        for _ in range(r.uint()):
+            clock, length = r.uint(), r.uint()
+            if clock + length > _MAX_CLOCK:
+                raise r.fail(f"a deleted range of client {client} reaches beyond 32-bit clocks")
+            shape.deletes.append((client, clock, length))
+    if not r.done():
+        raise r.fail(f"{len(update) - r.pos} bytes follow the delete set")
+    return shape
+
+
+def _struct_length(r: Reader) -> int:
+    info = r.byte()
+    ref = info & 0x1F
+    if ref in (_GC, _SKIP):
+        return r.uint()
+    has_origin, has_right_origin = info & 0x80, info & 0x40
+    if has_origin:
+        r.uint(), r.uint()
+    if has_right_origin:
+        r.uint(), r.uint()
+    if not (has_origin or has_right_origin):
+        if r.uint() != 1:
+            r.uint(), r.uint()
+            raise Refused("foreign_type", "the update writes inside a nested shared type")
+        root = r.string()
+        if root not in ROOTS:
+            raise Refused(
+                "foreign_type", f"the update writes to a root {root!r}; a dossier has only {', '.join(ROOTS)}"
+            )
+        if not info & 0x20:
+            raise Refused("foreign_type", f"the update writes list or text content into the {root} Map")
+        r.string()  # the key
+    if ref == _DELETED:
+        return r.uint()
+    if ref == _ANY:
+        count = r.uint()
+        for _ in range(count):
+            _skip_any(r, 1)
+        return count
+    if ref in _FOREIGN_CONTENT:
+        raise Refused("foreign_type", f"the update holds {_FOREIGN_CONTENT[ref]}; dossier values are plain JSON")
+    raise r.fail(f"unknown content type {ref}")
+
+
+def _skip_any(r: Reader, depth: int) -> None:
+    if depth > MAX_VALUE_DEPTH:
+        raise Refused("invalid_value", f"a value nests deeper than {MAX_VALUE_DEPTH} levels")
+    tag = r.byte()
+    if tag in (127, 126, 121, 120):  # undefined, null, false, true
+        return
+    if tag == 125:
+        r.signed()
+    elif tag == 124:
+        r.take(4)
+    elif tag in (123, 122):  # float64, bigint64
+        r.take(8)
+    elif tag == 119:
+        r.string()
+    elif tag == 118:
+        for _ in range(r.uint()):
+            r.string()
+            _skip_any(r, depth + 1)
+    elif tag == 117:
+        for _ in range(r.uint()):
+            _skip_any(r, depth + 1)
+    elif tag == 116:
+        raise Refused("invalid_value", "a value holds binary data; dossier values are plain JSON")
+    else:
+        raise r.fail(f"unknown value tag {tag}")
+
+
+# --- validation on a scratch copy -------------------------------------------------------------------
+
+
