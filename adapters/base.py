@@ -15,6 +15,9 @@ Contract (checked by one shared test suite against each adapter and its stand-in
    already-sent step keys, or the city system's last acknowledged state vector).
 4. Sessions and tokens are the adapter's business: an expired one is renewed transparently.
 5. ``close`` is idempotent.
+6. ``digests`` lists every dossier the upstream holds for the unit (received or competent) whose
+   :func:`sync.record.bucket_of` is the bucket asked for, with the :func:`sync.record.digest` of the record
+   as the upstream holds it, so equal digests mean equal records; a dossier it lacks is simply absent.
 """
 
 from __future__ import annotations
@@ -120,6 +123,10 @@ class Upstream(Protocol):
 
     async def fetch(self, code: str, state_vector: bytes | None) -> Fetched | None:
         """The dossier as the upstream holds it (a diff against ``state_vector`` where it can); None if unknown."""
+        ...
+
+    async def digests(self, unit: str, bucket: int, buckets: int) -> dict[str, str]:
+        """``{code: digest}`` of the unit's dossiers (received or competent) in one bucket of ``buckets``."""
         ...
 
     async def close(self) -> None:

@@ -8,7 +8,7 @@ a lost answer or a lost city-side Doc only costs a resend of the right diff, nev
 Wire protocol (see ``simulations/city_system.py`` for the stand-in): OAuth client-credentials token;
 ``POST /api/v1/sync`` with msgpack ``[[code, update], ...]`` answered by
 ``{"results": [[code, state_vector, digest, error], ...]}``; ``GET /api/v1/docs/{code}?sv=``;
-``GET /feed``.
+``GET /feed``; ``GET /api/v1/digests?unit=&bucket=&buckets=`` for anti-entropy.
 """
 
 from __future__ import annotations
@@ -158,6 +158,22 @@ class CityAdapter:
                 f"malformed answer: {exc}", upstream=NAME, op="fetch", retriable=True
             ) from exc
         return update, sv, digest
+
+    async def digests(self, unit: str, bucket: int, buckets: int) -> dict[str, str]:
+        """The city's own digests of the unit's dossiers in one bucket: one cheap call, whatever the bucket."""
+        raw = await self._request(
+            "GET",
+            "/api/v1/digests",
+            op="digests",
+            params={"unit": unit, "bucket": str(bucket), "buckets": str(buckets)},
+        )
+        try:
+            answer = json.loads(raw)["digests"]
+            if not isinstance(answer, dict):
+                raise TypeError("digests is not an object")
+            return {str(code): str(d) for code, d in answer.items()}
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UpstreamError(f"malformed digests: {exc}", upstream=NAME, op="digests", retriable=True) from exc
 
     async def close(self) -> None:
         """Close the session if this adapter opened it; idempotent."""

@@ -24,7 +24,7 @@ import aiohttp
 import structlog
 
 from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError
-from sync.record import digest, step_key_of
+from sync.record import bucket_of, digest, step_key_of
 
 log = structlog.get_logger()
 
@@ -39,6 +39,8 @@ SUSPECT_SESSION_AGE_S = 5.0
 PROBE_CODE = "000.00.00.H00-000101-0000"
 EXISTS_MARKER = "đã tồn tại"
 NOT_FOUND_MARKER = "không tìm thấy"
+# Codes per feed page when anti-entropy lists a unit's dossiers: the largest page the feed gives.
+DIGEST_FEED_PAGE = 1000
 
 T = TypeVar("T")
 
@@ -484,6 +486,38 @@ class NationalAdapter:
             return FeedPage(items=items, next=int(answer["next"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError("feed: malformed answer", upstream=UPSTREAM, op="feed", retriable=True) from exc
+
+    async def digests(self, unit: str, bucket: int, buckets: int) -> dict[str, str]:
+        """Digests of the unit's dossiers in one bucket, from the feed and one ``TraCuuHoSo`` per dossier.
+
+        The portal has no digest API, so this is the costly path on purpose: every call walks the unit's
+        whole feed from 0 (codes and sequence numbers only, a thousand a page) and then looks up, record
+        and steps, every dossier that falls in the bucket, computing its digest here as the node does.
+        The feed walk cannot start from a remembered position: a portal restored from a backup reuses
+        sequence numbers, and missing exactly such losses is what anti-entropy is for. Buckets keep each
+        call bounded: a round over ``buckets`` buckets looks each dossier up once, ``1/buckets`` of them
+        per call, so the portal sees a trickle of lookups rather than a burst of the unit's whole
+        history. The lookups share the adapter's ``MAX_IN_FLIGHT`` calls with pushes, so a large bucket
+        slows pushes down for its duration: a unit with many dossiers wants more buckets, not a faster tick.
+        """
+        codes: dict[str, None] = {}
+        since = 0
+        while True:
+            page = await self.feed(unit, since, DIGEST_FEED_PAGE)
+            codes.update((i.code, None) for i in page.items if bucket_of(i.code, buckets) == bucket)
+            if len(page.items) < DIGEST_FEED_PAGE or page.next <= since:
+                break
+            since = page.next
+        looked_up = await asyncio.gather(*(self.fetch(code) for code in codes), return_exceptions=True)
+        found: dict[str, str] = {}
+        for code, outcome in zip(codes, looked_up, strict=True):
+            if isinstance(outcome, BaseException):
+                # A bucket is compared whole or not at all: a lookup that failed would read as a dossier the
+                # portal lacks and send it again for nothing.
+                raise outcome
+            if outcome is not None:  # listed by the feed, then gone: the portal does not hold it now
+                found[code] = outcome.digest
+        return found
 
     async def close(self) -> None:
         """Forget the portal session and close the HTTP session if this adapter made it; idempotent."""

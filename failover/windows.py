@@ -137,5 +137,9 @@ class GuardedUpstream:
         fetched: Fetched | None = await self._call("fetch", lambda: self.inner.fetch(code, state_vector))
         return fetched
 
+    async def digests(self, unit: str, bucket: int, buckets: int) -> dict[str, str]:
+        found: dict[str, str] = await self._call("digests", lambda: self.inner.digests(unit, bucket, buckets))
+        return found
+
     async def close(self) -> None:
         await self.inner.close()

@@ -271,6 +271,7 @@ async def status(request: web.Request) -> web.Response:
             **lag,
             "last_error": node.loops[name].last_error or guarded.last_error,
             "fault_windows": [w for w in node.windows.describe() if w["target"] == name],
+            "antientropy": _antientropy_of(node, name),
         }
     controller = node.controller
     body: dict[str, Any] = {
@@ -283,6 +284,15 @@ async def status(request: web.Request) -> web.Response:
         "events": controller.events if controller else [],
     }
     return json_response(body)
+
+
+def _antientropy_of(node: Any, name: str) -> dict[str, Any] | None:
+    """Cumulative anti-entropy counts for one target, with its loop's last error; None when not running."""
+    ae = node.antientropy.get(name)
+    if ae is None:
+        return None
+    loop = node.loops.get(f"antientropy:{name}")
+    return {**ae.stats(), "last_error": loop.last_error if loop is not None else None}
 
 
 _SOURCES = ("national", "city", "auto")

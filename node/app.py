@@ -28,6 +28,7 @@ from node.registry import get_unit
 from node.service import DossierService
 from node.store import Store
 from sync import journal
+from sync.antientropy import AntiEntropy
 from sync.loop import Loop
 from sync.puller import Puller
 from sync.replicator import Replicator, ReplicatorSettings
@@ -54,6 +55,7 @@ class Node:
         self.breakers: dict[str, Breaker] = {}
         self.controller: Controller | None = None
         self.pullers: dict[str, Puller] = {}
+        self.antientropy: dict[str, AntiEntropy] = {}
         self._last_pull: dict[str, float] = {}
         self.prober: Prober | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -114,6 +116,16 @@ class Node:
                 self.pullers[name] = Puller(
                     self.store, self.service, guarded, unit=self.config.node.unit, portal_client_id=portal_cid
                 )
+                self.antientropy[name] = AntiEntropy(
+                    self.store,
+                    guarded,
+                    self.replicators[name],
+                    self.pullers[name],
+                    unit=self.config.node.unit,
+                    buckets=rc.antientropy_buckets,
+                    wake=self.loops[name].wake,
+                    clock=self.clock,
+                )
             if self.breakers:
                 backup = "city" if fo.primary == "national" else "national"
                 self.controller = Controller(
@@ -147,6 +159,16 @@ class Node:
                     backoff_cap_s=rc.retry_cap_s,
                 )
                 self._tasks.create_task(self.loops[f"pull:{name}"].run(), name=f"pull:{name}")
+            for name, ae in self.antientropy.items():
+                # Slow on purpose: one bucket per tick, so a whole comparison takes buckets x tick.
+                self.loops[f"antientropy:{name}"] = Loop(
+                    f"antientropy:{name}",
+                    ae.run_once,
+                    tick_s=rc.antientropy_tick_s,
+                    backoff_base_s=rc.retry_base_s,
+                    backoff_cap_s=max(rc.retry_cap_s, rc.antientropy_tick_s),
+                )
+                self._tasks.create_task(self.loops[f"antientropy:{name}"].run(), name=f"antientropy:{name}")
             if self.controller is not None and self.prober is not None:
                 self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
                 self._tasks.create_task(self.loops["failover"].run(), name="failover")

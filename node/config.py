@@ -77,6 +77,10 @@ class ReplicationSection:
     standby_pull_s: float = 30.0
     # Journal entries acknowledged by every target are pruned after this many hours.
     journal_retention_h: float = 168.0
+    # Anti-entropy compares one bucket of a unit's dossiers per tick, per target: a whole round takes
+    # antientropy_buckets x antientropy_tick_s (16 minutes by default).
+    antientropy_tick_s: float = 60.0
+    antientropy_buckets: int = 16
     # Backoff between failed push calls: full jitter from retry_base_s doubling up to retry_cap_s.
     retry_base_s: float = 0.5
     retry_cap_s: float = 30.0
@@ -292,6 +296,10 @@ def validate(config: Config) -> list[str]:
         problems.append("[replication] batch_size: must be between 1 and 5000")
     if rep.max_attempts < 1:
         problems.append("[replication] max_attempts: must be at least 1")
+    if rep.antientropy_tick_s <= 0:
+        problems.append("[replication] antientropy_tick_s: must be positive")
+    if not 1 <= rep.antientropy_buckets <= 4096:
+        problems.append("[replication] antientropy_buckets: must be between 1 and 4096")
     fo = config.failover
     if fo.primary not in {"national", "city"}:
         problems.append(f"[failover] primary: {fo.primary!r} is not one of national, city")

@@ -112,6 +112,8 @@ _TARGET_STATUS = {
         "lag_seconds": {"type": "number"},
         "last_ok_at": {"type": ["string", "null"]},
         "last_error": {"type": ["string", "null"]},
+        "antientropy": {"type": ["object", "null"], "description": "checked, missing_remote, missing_local, "
+                        "different, repaired, skipped (cumulative)"},
     },
 }
 _STATUS = {

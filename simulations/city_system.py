@@ -10,6 +10,8 @@ dossier and speaks the protocol the city adapter uses:
   ``{"results": [[code, state_vector, digest, error], ...]}``, one per item, in order.
 - ``GET /api/v1/docs/{code}?sv=...``: the diff against a base64url state vector (or the full state).
 - ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence.
+- ``GET /api/v1/digests?unit=&bucket=&buckets=``: ``{"digests": {code: digest}}`` of the unit's dossiers
+  (received or competent) in one anti-entropy bucket (:func:`sync.record.bucket_of`).
 - ``/__faults`` (see :mod:`simulations.faults`) and ``/__inspect/dossiers``, ``/__inspect/stats``.
 
 Like the real platform it does not judge status transitions across calls: a merged history may arrive
@@ -40,13 +42,24 @@ from pycrdt import Array, Doc, Map
 
 from simulations.faults import Faults, Handler, Stats
 from simulations.serving import running
-from sync.record import DOCUMENTS, FEES, FIELDS, STEPS, digest, read_roots, record_from_roots, step_key_of
+from sync.record import (
+    DOCUMENTS,
+    FEES,
+    FIELDS,
+    STEPS,
+    bucket_of,
+    digest,
+    read_roots,
+    record_from_roots,
+    step_key_of,
+)
 from sync.statevector import decode_state_vector
 
 DEFAULT_CLIENT_ID = "wardsync"
 DEFAULT_CLIENT_SECRET = "wardsync-demo"
 MAX_BATCH = 500
 MAX_FEED_LIMIT = 1000
+MAX_BUCKETS = 4096
 DB_NAME = "city.sqlite3"
 # A full batch of 500 Docs with attachments' metadata is well over aiohttp's 1 MiB default.
 MAX_BODY_BYTES = 64 * 1024 * 1024
@@ -509,6 +522,32 @@ class CitySystem:
         items = [{"code": str(code), "seq": int(seq)} for code, seq in rows]
         return web.json_response({"items": items, "next": items[-1]["seq"] if items else since})
 
+    async def digests(self, request: web.Request) -> web.Response:
+        refused = self._unauthorised(request)
+        if refused is not None:
+            return refused
+        unit = request.query.get("unit", "")
+        try:
+            bucket = int(request.query.get("bucket", ""))
+            buckets = int(request.query.get("buckets", ""))
+        except ValueError:
+            return _json_error(400, "invalid_request", "bucket and buckets must be integers")
+        if not _UNIT_RE.fullmatch(unit) or not 1 <= buckets <= MAX_BUCKETS or not 0 <= bucket < buckets:
+            return _json_error(
+                400,
+                "invalid_request",
+                f"unit must be a 5-digit code, 1 <= buckets <= {MAX_BUCKETS}, 0 <= bucket < buckets",
+            )
+        # The stored digest is the one every sync answer reports, so it is what the node compares against.
+        async with self.reader.execute(
+            "SELECT code, digest FROM dossiers WHERE receiving_unit = ? UNION "
+            "SELECT code, digest FROM dossiers WHERE competent_unit = ?",
+            (unit, unit),
+        ) as cur:
+            rows = await cur.fetchall()
+        found = {str(code): str(d) for code, d in rows if bucket_of(str(code), buckets) == bucket}
+        return web.json_response({"digests": found})
+
     # -- inspection --------------------------------------------------------------------------------
 
     async def inspect_dossiers(self, request: web.Request) -> web.Response:
@@ -603,6 +642,7 @@ def build_app(
     app.router.add_post("/api/v1/sync", city.sync)
     app.router.add_get("/api/v1/docs/{code}", city.get_doc)
     app.router.add_get("/feed", city.feed)
+    app.router.add_get("/api/v1/digests", city.digests)
     app.router.add_get("/__inspect/dossiers", city.inspect_dossiers)
     app.router.add_get("/__inspect/stats", city.inspect_stats)
     faults.add_routes(app)
