@@ -108,7 +108,7 @@ class InvalidDoc(ValueError):
 
 def _load(state: bytes | None) -> Doc[Any]:
     # The stand-in never writes to a Doc, so the client id it would write under does not matter.
-    doc: Doc[Any] = Doc()
+    doc: Doc[Any] = Doc(skip_gc=True)  # as the node's: values that lost a concurrent edit stay readable
     if state is not None:
         doc.apply_update(state)
     return doc

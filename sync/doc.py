@@ -17,7 +17,9 @@ from sync.record import DOCUMENTS, FEES, FIELDS, HLC_FIELD, STEPS, step_key_of
 
 
 def new_doc(code: str, client_id: int) -> Doc[Any]:
-    doc: Doc[Any] = Doc(client_id=client_id, guid=code)
+    # Garbage collection off: a value that lost a concurrent edit stays readable, so every replica can
+    # report the same conflict (sync.yupdate.field_conflicts). Dossier Docs are small.
+    doc: Doc[Any] = Doc(client_id=client_id, guid=code, skip_gc=True)
     for name in (FIELDS, STEPS, DOCUMENTS, FEES):
         doc.get(name, type=Map)
     return doc
@@ -35,7 +37,7 @@ def create(
 
     The intake hot path: each root Map is looked up once and nothing is read back before writing.
     """
-    doc: Doc[Any] = Doc(client_id=client_id, guid=code)
+    doc: Doc[Any] = Doc(client_id=client_id, guid=code, skip_gc=True)
     with doc.transaction():
         # Integrating each root Map with its content in one call costs far less than key-by-key sets.
         for name, values in ((FIELDS, fields), (STEPS, steps), (DOCUMENTS, documents), (FEES, fees)):

@@ -7,6 +7,7 @@ arrival.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
@@ -77,9 +78,16 @@ def read_roots(doc: Doc[Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str,
 
 
 def materialise(doc: Doc[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The DVCQG-shaped record of a Doc and the steps skipped as illegal in the merged order."""
+    """The DVCQG-shaped record of a Doc and its conflicts: steps skipped as illegal in the merged order,
+    and field values that lost a concurrent edit."""
+    from sync.yupdate import Refused, field_conflicts
+
     fields, steps, documents, fees = read_roots(doc)
-    return build_record(fields, _ordered_steps(steps), documents, fees)
+    record, conflicts = build_record(fields, _ordered_steps(steps), documents, fees)
+    # The state was checked when it came in; a shape this reader does not know adds no conflicts.
+    with contextlib.suppress(Refused, ValueError):
+        conflicts += field_conflicts(doc.get_update())
+    return record, conflicts
 
 
 def record_from_roots(

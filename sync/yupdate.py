@@ -7,7 +7,9 @@ only hold plain values under keys of its four root Maps.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from sync.record import DOCUMENTS, FEES, FIELDS, STEPS
 
@@ -211,3 +213,125 @@ def _skip_any(r: Reader, depth: int) -> None:
 # --- validation on a scratch copy -------------------------------------------------------------------
 
 
+
+
+# --- concurrent edits of one field ------------------------------------------------------------------
+
+
+@dataclass
+class _MapItem:
+    client: int
+    clock: int
+    length: int
+    root: str | None
+    key: str | None
+    origin: tuple[int, int] | None
+    value: Any
+
+
+def _read_any(r: Reader, depth: int) -> Any:
+    if depth > MAX_VALUE_DEPTH:
+        raise Refused("invalid_value", f"a value nests deeper than {MAX_VALUE_DEPTH} levels")
+    tag = r.byte()
+    if tag in (127, 126):
+        return None
+    if tag in (121, 120):
+        return tag == 120
+    if tag == 125:
+        return r.signed()
+    if tag == 124:
+        return struct.unpack(">f", r.take(4))[0]
+    if tag == 123:
+        return struct.unpack(">d", r.take(8))[0]
+    if tag == 122:
+        return int.from_bytes(r.take(8), "big", signed=True)
+    if tag == 119:
+        return r.string()
+    if tag == 118:
+        return {r.string(): _read_any(r, depth + 1) for _ in range(r.uint())}
+    if tag == 117:
+        return [_read_any(r, depth + 1) for _ in range(r.uint())]
+    raise r.fail(f"unknown value tag {tag}")
+
+
+def _map_items(state: bytes) -> tuple[list[_MapItem], list[tuple[int, int, int]]]:
+    """Every item of a Doc's full state with its root, key, origin and value, and the delete set."""
+    r = Reader(state, "state")
+    items: list[_MapItem] = []
+    for _ in range(r.uint()):
+        count, client, clock = r.uint(), r.uint(), r.uint()
+        for _ in range(count):
+            info = r.byte()
+            ref = info & 0x1F
+            if ref in (_GC, _SKIP):
+                clock += r.uint()
+                continue
+            origin = (r.uint(), r.uint()) if info & 0x80 else None
+            if info & 0x40:
+                r.uint(), r.uint()
+            root = key = None
+            if not info & 0xC0:
+                root = r.string() if r.uint() == 1 else None
+                if info & 0x20:
+                    key = r.string()
+            if ref == _DELETED:
+                values: list[Any] = [None] * r.uint()
+            elif ref == _ANY:
+                values = [_read_any(r, 1) for _ in range(r.uint())]
+            else:
+                raise r.fail(f"unexpected content type {ref} in a dossier")
+            # Successive writes of one key by one writer are squashed into one item of several values:
+            # value n was written after value n-1, as if it named it as its origin.
+            for n, value in enumerate(values):
+                items.append(_MapItem(client, clock + n, 1, root if n == 0 else None, key if n == 0 else None,
+                                      origin if n == 0 else (client, clock + n - 1), value))
+            clock += len(values)
+    deletes: list[tuple[int, int, int]] = []
+    for _ in range(r.uint()):
+        client = r.uint()
+        for _ in range(r.uint()):
+            deletes.append((client, r.uint(), r.uint()))
+    return items, deletes
+
+
+def field_conflicts(state: bytes, root: str = "fields") -> list[dict[str, Any]]:
+    """Values of ``root`` keys that lost a concurrent edit: replaced without their writer's successor
+    having seen them. The same on every replica that holds the same state (the Doc keeps deleted values:
+    Docs are created with garbage collection off for that reason)."""
+    items, deletes = _map_items(state)
+    by_id: dict[tuple[int, int], _MapItem] = {(i.client, i.clock): i for i in items}
+
+    def find(ident: tuple[int, int]) -> _MapItem | None:
+        client, clock = ident
+        hit = by_id.get(ident)
+        if hit is not None:
+            return hit
+        return next((i for i in items if i.client == client and i.clock <= clock < i.clock + i.length), None)
+
+    # An item written after another one names it as origin and inherits its root and key.
+    for item in items:
+        if item.root is None and item.origin is not None:
+            seen: set[tuple[int, int]] = set()
+            cur = find(item.origin)
+            while cur is not None and cur.root is None and cur.origin is not None and cur.origin not in seen:
+                seen.add(cur.origin)
+                cur = find(cur.origin)
+            if cur is not None:
+                item.root, item.key = cur.root, cur.key
+
+    def deleted(i: _MapItem) -> bool:
+        return any(c == i.client and k <= i.clock < k + n for c, k, n in deletes)
+
+    successors = {i.origin for i in items if i.origin is not None}
+    live = {i.key: i for i in items if i.root == root and not deleted(i)}
+    out: list[dict[str, Any]] = []
+    for i in items:
+        if i.root != root or i.key is None or not deleted(i) or (i.client, i.clock) in successors:
+            continue
+        winner = live.get(i.key)
+        if winner is None:
+            continue  # the key was removed, not overwritten
+        out.append({"kind": "field", "field": i.key, "kept": winner.value, "lost": i.value,
+                    "lost_writer": i.client, "kept_writer": winner.client})
+    out.sort(key=lambda c: (c["field"], c["lost_writer"]))
+    return out
