@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -201,6 +202,4 @@ def _event(at: str, kind: str, frm: str | None, to: str | None, reason: str) -> 
 
 
 def iso_epoch(ts: float) -> str:
-    from datetime import UTC, datetime
-
     return iso(datetime.fromtimestamp(ts, UTC))

@@ -13,6 +13,8 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from failover.windows import MODES, WindowSpecError
+from node.clock import TZ, iso
 from node.domain.validation import validate_fee, validate_intake, validate_step
 from node.errors import ApiError, validation_error
 from node.openapi import openapi_document
@@ -137,23 +139,25 @@ async def create_dossier(request: web.Request) -> web.Response:
     return _reply(await request.app[SERVICE].intake(clean, idem))
 
 
-async def add_step(request: web.Request) -> web.Response:
+async def _validated(
+    request: web.Request, what: str, validate: Callable[[object], tuple[dict[str, Any], dict[str, str]]]
+) -> tuple[str, dict[str, Any], IdemKey | None]:
+    """(code, clean body, idempotency key) of a write to one dossier; 4xx for anything wrong."""
     code = request.match_info["code"]
     body = await read_json(request)
-    clean, errors = validate_step(body)
+    clean, errors = validate(body)
     if errors:
         raise validation_error(errors)
-    idem = idempotency(request, f"POST /api/v1/dossiers/{code}/steps", body)
+    return code, clean, idempotency(request, f"POST /api/v1/dossiers/{code}/{what}", body)
+
+
+async def add_step(request: web.Request) -> web.Response:
+    code, clean, idem = await _validated(request, "steps", validate_step)
     return _reply(await request.app[SERVICE].add_step(code, clean, idem))
 
 
 async def add_fee(request: web.Request) -> web.Response:
-    code = request.match_info["code"]
-    body = await read_json(request)
-    clean, errors = validate_fee(body)
-    if errors:
-        raise validation_error(errors)
-    idem = idempotency(request, f"POST /api/v1/dossiers/{code}/fees", body)
+    code, clean, idem = await _validated(request, "fees", validate_fee)
     return _reply(await request.app[SERVICE].add_fee(code, clean, idem))
 
 
@@ -324,8 +328,6 @@ async def admin_failover(request: web.Request) -> web.Response:
 
 async def admin_faults_open(request: web.Request) -> web.Response:
     """Open a local fault window in one target's path; it closes by itself."""
-    from failover.windows import MODES, WindowSpecError
-
     node = request.app[NODE]
     body = await read_json(request)
     if not isinstance(body, dict):
@@ -404,8 +406,6 @@ def _decode_cursor(cursor: str) -> int:
 
 def _parse_since(raw: str) -> str:
     """``updated_since`` as ISO 8601 (offset required or UTC assumed) or DVCQG ``yyyyMMddHHmmss``."""
-    from node.clock import TZ, iso
-
     try:
         if re.fullmatch(r"\d{14}", raw):
             dt = datetime.strptime(raw, "%Y%m%d%H%M%S").replace(tzinfo=TZ)

@@ -27,6 +27,7 @@ from node.errors import ApiError
 from node.store import GroupCommit, Store
 from sync import doc as ydoc
 from sync.hlc import HLC, Stamp
+from sync.merge import PORTAL_BASE_UPSERT
 from sync.record import HLC_FIELD, build_record, materialise, normalise, step_key_of
 from sync.record import digest as _digest
 from sync.yupdate import Refused, decode_update
@@ -645,8 +646,7 @@ def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, st
         )
     if batch.bases:
         conn.executemany(
-            "INSERT INTO portal_base (code, record) VALUES (?, ?)"
-            " ON CONFLICT (code) DO UPDATE SET record = excluded.record",
+            PORTAL_BASE_UPSERT,
             list(batch.bases.items()),
         )
     conn.execute(

@@ -30,6 +30,10 @@ NOT_FIELDS = frozenset({"TrangThaiHoSo", "NgayTra", "NgayKetThucXuLy", "QuaTrinh
 # Forwarding state order: received 1 → waiting for the competent unit 4 → processing 2 → returned 3.
 FORWARD_ORDER = {1: 0, 4: 1, 2: 2, 3: 3}
 FORWARD_ONLY = {"TrangThaiPhiDiaGioi": FORWARD_ORDER}
+# The base is kept on every acknowledgement by the portal and on every pull from it.
+PORTAL_BASE_UPSERT = (
+    "INSERT INTO portal_base (code, record) VALUES (?, ?) ON CONFLICT (code) DO UPDATE SET record = excluded.record"
+)
 
 
 def stamp_of(when: str, hlc: HLC) -> str:
@@ -102,8 +106,11 @@ def portal_update(
             f[name] = value
         # The portal's times have one-second resolution: a step must never sort before a step the Doc
         # already holds from the same or an earlier second, and portal steps keep the portal's order.
-        known = [(str(v.get("ThoiDiemXuLy", "")), Stamp.decode(str(v["hlc"])))
-                 for v in ydoc.steps_map(scratch).values() if isinstance(v, dict) and "hlc" in v]
+        known = [
+            (str(v.get("ThoiDiemXuLy", "")), Stamp.decode(str(v["hlc"])))
+            for v in ydoc.steps_map(scratch).values()
+            if isinstance(v, dict) and "hlc" in v
+        ]
         for step in steps:
             when = str(step.get("ThoiDiemXuLy", ""))
             stamp = Stamp.decode(stamp_of(when, hlc))

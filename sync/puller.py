@@ -16,7 +16,7 @@ from typing import Any
 import pycrdt
 import structlog
 
-from adapters.base import Fetched, Upstream, UpstreamError
+from adapters.base import Fetched, Upstream
 from node.errors import ApiError
 from node.service import DossierService, Merge
 from node.store import Store
@@ -116,9 +116,5 @@ class Puller:
         state, local = (bytes(row[0]), json.loads(row[1])) if row is not None else (None, None)
         base = json.loads(base_row[0]) if base_row is not None else None
         assert self.portal_client_id is not None
-        update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id,
-                               hlc=self.service.hlc)
+        update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id, hlc=self.service.hlc)
         return Merge(code, update or b"", self.target, base=dict(remote))
-
-
-__all__ = ["Puller", "UpstreamError"]

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -29,6 +30,7 @@ from tenacity.wait import wait_base
 from adapters.base import Outcome, Outgoing, PushResult, Upstream, UpstreamError
 from node.clock import Clock, iso
 from node.store import Store
+from sync.merge import PORTAL_BASE_UPSERT
 
 log = structlog.get_logger()
 
@@ -218,8 +220,7 @@ class Replicator:
         def write(conn: sqlite3.Connection) -> None:
             if bases:
                 conn.executemany(
-                    "INSERT INTO portal_base (code, record) VALUES (?, ?)"
-                    " ON CONFLICT (code) DO UPDATE SET record = excluded.record",
+                    PORTAL_BASE_UPSERT,
                     bases,
                 )
             if rows:
@@ -308,8 +309,6 @@ class Replicator:
         oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
         lag_s = 0.0
         if oldest and oldest[0]:
-            from datetime import datetime
-
             lag_s = max(
                 0.0, self.clock.now().timestamp() - datetime.fromisoformat(oldest[0].replace("Z", "+00:00")).timestamp()
             )
