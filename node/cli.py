@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import signal
 import sys
@@ -15,6 +16,9 @@ from node.config import ConfigError, load_config, render_config, split_listen
 from node.registry import get_unit, is_agency_code
 
 EXIT_CONFIG = 2
+
+# Modules under node/commands (and elsewhere) that add subcommands: each exposes register(sub).
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -181,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", required=True, help="HOST:PORT of the stand-in behind the proxy")
     p.add_argument("--control", default="127.0.0.1:0", help="HOST:PORT for the control API (POST/GET/DELETE /mode)")
     p.set_defaults(func=_cmd_proxy)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""``wardsync`` subcommands beyond the daemon's own: each module exposes ``register(sub)``."""
