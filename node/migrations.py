@@ -115,6 +115,19 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         ) WITHOUT ROWID;
         """,
     ),
+    (
+        6,
+        """
+        CREATE TABLE tokens (
+            id         INTEGER PRIMARY KEY,
+            name       TEXT NOT NULL,
+            roles      TEXT NOT NULL,
+            hash       TEXT NOT NULL UNIQUE,
+            created_at TEXT NOT NULL,
+            revoked_at TEXT
+        );
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]
