@@ -70,6 +70,8 @@ class Controller:
         self.events: list[dict[str, Any]] = []
         self.switches = 0
         self._switched_away: list[float] = []
+        # Called with (from, to) after every switch (metrics count failovers by direction).
+        self.on_switch: list[Callable[[str | None, str | None], None]] = []
 
     async def load(self) -> None:
         row = await self.store.fetchone("SELECT value FROM meta WHERE key = 'failover'")
@@ -159,6 +161,8 @@ class Controller:
         self.switches += 1
         log.warning("failover_switch", from_source=frm, to_source=to, reason=reason)
         await self._record("switch", frm, to, reason)
+        for hook in self.on_switch:
+            hook(frm, to)
 
     async def _record(self, kind: str, frm: str | None, to: str | None, reason: str) -> None:
         at = iso(self.clock.now())

@@ -18,7 +18,7 @@ import json
 import random
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -85,6 +85,10 @@ class Replicator:
         self.settings = settings or ReplicatorSettings()
         self.last_ok_at: str | None = None
         self.pushed = 0
+        # Set by the node: the journal head (for the lag in the batch line) and a metrics observer
+        # called once per push call with (target, outcome counts by record, seconds, the call failed).
+        self.journal_head: Callable[[], int] | None = None
+        self.on_batch: Callable[[str, dict[str, int], float, bool], None] | None = None
 
     async def cursor(self) -> int:
         row = await self.store.fetchone("SELECT seq FROM cursors WHERE target = ?", (self.target,))
@@ -94,7 +98,7 @@ class Replicator:
         """Push one window; True when more work is waiting."""
         cursor = await self.cursor()
         entries = await self.store.fetchall(
-            "SELECT seq, code FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, self.settings.window)
+            "SELECT seq, code, at FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, self.settings.window)
         )
         now_ms = int(time.time() * 1000)
         retry_rows = await self.store.fetchall(
@@ -107,9 +111,12 @@ class Replicator:
         head = int(entries[-1][0]) if entries else cursor
         todo = await self._outgoing(codes)
         results: list[PushResult] = []
+        beyond = max(0, self.journal_head() - head) if self.journal_head is not None else 0
+        oldest = _age_s(entries[0][2], self.clock) if entries else 0.0
         for i in range(0, len(todo), self.settings.batch_size):
             chunk = todo[i : i + self.settings.batch_size]
-            results.extend(await self._push(chunk))
+            waiting = len(todo) - i - len(chunk) + beyond
+            results.extend(await self._push(chunk, lag_records=waiting, lag_s=oldest))
         await self._record(todo, results, head)
         return len(entries) >= self.settings.window or len(retry_rows) >= self.settings.batch_size
 
@@ -135,7 +142,8 @@ class Replicator:
                 )
         return out
 
-    async def _push(self, chunk: list[Outgoing]) -> list[PushResult]:
+    async def _push(self, chunk: list[Outgoing], *, lag_records: int = 0, lag_s: float = 0.0) -> list[PushResult]:
+        """One push call (retried); logs the one canonical line of the batch, whatever its outcome."""
         retrying = AsyncRetrying(
             retry=retry_if_exception(_retriable),
             wait=_JitterHonouringRetryAfter(self.settings.retry_base_s, self.settings.retry_cap_s),
@@ -143,20 +151,37 @@ class Replicator:
             reraise=True,
         )
         started = time.perf_counter()
-        async for attempt in retrying:
-            with attempt:
-                results = await self.upstream.push(chunk)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    results = await self.upstream.push(chunk)
+        except UpstreamError as exc:
+            self._batch_done(len(chunk), {"failed": len(chunk)}, started, lag_records, lag_s, str(exc))
+            raise
         counts: dict[str, int] = {}
         for r in results:
             counts[r.outcome.value] = counts.get(r.outcome.value, 0) + 1
-        log.info(
+        self._batch_done(len(chunk), counts, started, lag_records, lag_s, None)
+        return results
+
+    def _batch_done(
+        self, records: int, counts: dict[str, int], started: float, lag_records: int, lag_s: float, error: str | None
+    ) -> None:
+        seconds = time.perf_counter() - started
+        outcome = "error" if error else ("ok" if counts.get("acked", 0) == records else "partial")
+        (log.warning if error else log.info)(
             "push_batch",
             target=self.target,
-            size=len(chunk),
-            ms=round((time.perf_counter() - started) * 1000, 1),
+            records=records,
+            outcome=outcome,
             **counts,
+            duration_ms=round(seconds * 1000, 1),
+            lag_records=lag_records,
+            lag_s=round(lag_s, 3),
+            **({"error": error} if error else {}),
         )
-        return results
+        if self.on_batch is not None:
+            self.on_batch(self.target, counts, seconds, error is not None)
 
     async def _record(self, todo: list[Outgoing], results: list[PushResult], head: int) -> None:
         by_code = {o.code: o for o in todo}
@@ -322,3 +347,8 @@ class Replicator:
             "parked": parked,
             "last_ok_at": self.last_ok_at,
         }
+
+
+def _age_s(at: str, clock: Clock) -> float:
+    """Seconds since a journal entry's ``at`` (UTC ISO 8601)."""
+    return max(0.0, clock.now().timestamp() - datetime.fromisoformat(at.replace("Z", "+00:00")).timestamp())
