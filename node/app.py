@@ -21,8 +21,7 @@ from failover.breaker import Breaker, BreakerSettings, BreakerState
 from failover.controller import Controller
 from failover.health import Prober
 from failover.windows import FaultWindows, GuardedUpstream
-from node import api, dashboard, metrics
-from node.auth import AUTH, Auth, auth_middleware
+from node import api, metrics
 from node.clock import Clock
 from node.config import Config
 from node.registry import get_unit
@@ -44,7 +43,6 @@ class Node:
         self.config = config
         self.clock = clock or Clock()
         self.store = Store(config.db_path)
-        self.auth = Auth(self.store, self.clock)
         self.service = DossierService(
             self.store, unit=config.node.unit, agency=config.node.agency_code, clock=self.clock
         )
@@ -62,7 +60,6 @@ class Node:
         self.prober: Prober | None = None
         self._http: aiohttp.ClientSession | None = None
         self.metrics = metrics.NodeMetrics()
-        self.history = dashboard.StatusHistory(self)
         self.app = build_app(self)
         self._tasks: asyncio.TaskGroup | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -178,9 +175,6 @@ class Node:
                 self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
                 self._tasks.create_task(self.loops["failover"].run(), name="failover")
                 self._tasks.create_task(self.prober.run(), name="probes")
-            if self.replicators:
-                self.loops["history"] = Loop("history", self.history.sample, tick_s=self.history.interval_s)
-                self._tasks.create_task(self.loops["history"].run(), name="history")
         except BaseException:
             await self._close_upstreams()
             await self.store.close()
@@ -331,7 +325,7 @@ class Node:
 def build_app(node: Node) -> web.Application:
     app = web.Application(
         client_max_size=node.config.node.max_body_bytes,
-        middlewares=[api.error_middleware, auth_middleware],
+        middlewares=[api.error_middleware],
         handler_args={"max_field_size": 8190},
     )
     app[api.SERVICE] = node.service
@@ -339,10 +333,8 @@ def build_app(node: Node) -> web.Application:
     app[api.UNIT] = node.config.node.unit
     app[api.READY] = lambda: node.ready
     app[api.NODE] = node
-    app[AUTH] = node.auth
     api.add_routes(app)
     metrics.add_routes(app, node.metrics)
-    dashboard.add_routes(app)
     return app
 
 
