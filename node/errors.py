@@ -17,6 +17,7 @@ class ApiError(Exception):
         *,
         fields: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -24,6 +25,7 @@ class ApiError(Exception):
         self.message = message
         self.fields = fields or {}
         self.extra = extra or {}
+        self.headers = headers or {}
 
     def envelope(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message, "fields": self.fields}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +15,26 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from node.app import Node
+from node.auth import ROLES
 from node.clock import Clock
 from node.config import Config, load_config
 
 UNIT = "26743"  # Phường Bến Thành
 AGENCY = "000.00.17.H29"
+
+
+ALL_ROLES = ",".join(ROLES)
+
+
+def provision_token(config: Path, *, data_dir: Path | None = None, roles: str = ALL_ROLES) -> str:
+    """A token for a node run as a process, made the way an operator makes one: ``wardsync token create``."""
+    cmd = [sys.executable, "-m", "node", "token", "create", "--config", str(config), "--role", roles, "--name", "tests"]
+    if data_dir is not None:
+        cmd += ["--data-dir", str(data_dir)]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=config.parent, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
@@ -36,14 +54,19 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 async def running_node(
     config: Config, clock: Clock | None = None, *, connections: int = 100
 ) -> AsyncIterator[tuple[Node, str, aiohttp.ClientSession]]:
-    """Start a node on ``config``, serve its app on 127.0.0.1, yield (node, base_url, session)."""
+    """Start a node on ``config``, serve its app on 127.0.0.1, yield (node, base_url, session).
+
+    The session carries a token holding every role; tests of access rules make their own tokens.
+    """
     async with Node(config, clock=clock) as node:
         server = TestServer(node.app, host="127.0.0.1")
         await server.start_server()
         try:
             base_url = str(server.make_url("")).rstrip("/")
             connector = aiohttp.TCPConnector(limit=connections)
-            async with aiohttp.ClientSession(connector=connector) as session:
+            token = await node.auth.create_token(ROLES, name="tests")
+            headers = {"Authorization": f"Bearer {token}"}
+            async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
                 yield node, base_url, session
         finally:
             await server.close()

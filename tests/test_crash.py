@@ -28,6 +28,7 @@ import aiohttp
 import pytest
 
 from node.domain.validation import validate_intake
+from tests.conftest import provision_token
 
 HOST = "127.0.0.1"
 UNIT = "26743"
@@ -120,6 +121,7 @@ class Launcher:
         self.data_dir = root / "data"
         self.db = self.data_dir / "wardsync.sqlite3"
         self.procs: list[NodeProc] = []
+        self.headers: dict[str, str] = {}
 
     def init_config(self) -> None:
         done = subprocess.run(
@@ -144,6 +146,9 @@ class Launcher:
 
     async def start(self, port: int) -> NodeProc:
         """Spawn a node and wait for its "listening on" line and a ready /readyz."""
+        if not self.headers:
+            token = provision_token(self.config, data_dir=self.data_dir)
+            self.headers["Authorization"] = f"Bearer {token}"
         node = self.spawn(port)
         banner = f"wardsync node {UNIT} listening on http://{HOST}:{port}"
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -201,6 +206,7 @@ class Load:
 
     base: str
     tag: str
+    headers: dict[str, str]
     acked: dict[str, Ack] = field(default_factory=dict)
     unanswered: dict[str, dict[str, Any]] = field(default_factory=dict)
     other: list[tuple[str, int, str]] = field(default_factory=list)
@@ -240,7 +246,9 @@ class Load:
 async def running(load: Load) -> AsyncIterator[None]:
     """Run ``load`` in the background for the body of the ``async with``; then stop it and wait for it."""
     connector = aiohttp.TCPConnector(limit=WORKERS * 2)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=10), headers=load.headers
+    ) as session:
         task = asyncio.create_task(load.run(session))
         try:
             yield
@@ -322,7 +330,7 @@ class TestCrashUnderLoad:
 
         for cycle in range(CYCLES):
             delay = rng.uniform(0.3, 1.0)
-            load = Load(node.base, f"s{SEED}-c{cycle}")
+            load = Load(node.base, f"s{SEED}-c{cycle}", launcher.headers)
             async with running(load):
                 await asyncio.sleep(delay)
                 inflight = load.inflight
@@ -341,7 +349,8 @@ class TestCrashUnderLoad:
             seen_codes.update(codes_this_cycle)
 
             node = await launcher.start(port)
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            timeout = aiohttp.ClientTimeout(total=10)
+            async with aiohttp.ClientSession(timeout=timeout, headers=launcher.headers) as session:
                 # Every acknowledged dossier survived with its digest; nothing appears twice in the feed.
                 changes = await all_changes(session, node.base)
                 feed_codes = [c["code"] for c in changes]
@@ -423,7 +432,7 @@ class TestGracefulStop:
         rng = random.Random(SEED + 1)
         port = free_port()
         node = await launcher.start(port)
-        load = Load(node.base, f"g{SEED}")
+        load = Load(node.base, f"g{SEED}", launcher.headers)
         async with running(load):
             await asyncio.sleep(rng.uniform(0.3, 0.6))
             inflight = load.inflight
@@ -448,14 +457,14 @@ class TestGracefulStop:
         assert integrity_check(launcher.db) == "ok"
 
         # After the stop, new requests fail to connect instead of getting an error status.
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5), headers=launcher.headers) as session:
             for i in range(3):
                 key = f"g{SEED}-after{i}"
                 with pytest.raises(aiohttp.ClientConnectionError):
                     await post_intake(session, node.base, key, intake_body(key))
 
         node = await launcher.start(port)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10), headers=launcher.headers) as session:
             stored = {c["code"]: c for c in await all_changes(session, node.base)}
             fetched = await get_many(session, node.base, [a.code for a in load.acked.values()])
             for ack in load.acked.values():

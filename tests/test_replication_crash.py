@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from node.config import render_config
-from tests.conftest import AGENCY, UNIT, valid_intake
+from tests.conftest import AGENCY, UNIT, provision_token, valid_intake
 from tests.upstreams import Upstreams, running_upstreams
 
 TARGETS = ("national", "city")
@@ -101,8 +101,10 @@ class TestKillDuringPush:
                     city_url=ups.city_url,
                 )
             )
+            config.chmod(0o600)  # it holds the stand-ins' credentials
             acknowledged: dict[str, str] = {}
-            async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {provision_token(config)}"}
+            async with aiohttp.ClientSession(headers=headers) as http:
                 for cycle in range(CYCLES):
                     proc = _start(config)
                     try:

@@ -40,7 +40,8 @@ async def sync_node(tmp_path: Path) -> AsyncIterator[Running]:
         server = TestServer(node.app, host="127.0.0.1")
         await server.start_server()
         try:
-            async with aiohttp.ClientSession() as session:
+            token = await node.auth.create_token(["peer", "clerk", "operator"], name="tests")
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as session:
                 yield node, str(server.make_url("")).rstrip("/"), session
         finally:
             await server.close()
