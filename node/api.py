@@ -282,6 +282,7 @@ async def status(request: web.Request) -> web.Response:
         "unit": request.app[UNIT],
         "journal_head": head,
         "active_source": controller.active if controller else None,
+        "primary": controller.primary if controller else None,
         "offline": bool(controller) and controller.active is None,
         "forced": controller.describe()["forced"] if controller else None,
         "targets": targets,
