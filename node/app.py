@@ -21,7 +21,7 @@ from failover.breaker import Breaker, BreakerSettings, BreakerState
 from failover.controller import Controller
 from failover.health import Prober
 from failover.windows import FaultWindows, GuardedUpstream
-from node import api, metrics
+from node import api, dashboard, metrics
 from node.clock import Clock
 from node.config import Config
 from node.registry import get_unit
@@ -60,6 +60,7 @@ class Node:
         self.prober: Prober | None = None
         self._http: aiohttp.ClientSession | None = None
         self.metrics = metrics.NodeMetrics()
+        self.history = dashboard.StatusHistory(self)
         self.app = build_app(self)
         self._tasks: asyncio.TaskGroup | None = None
         self._writer_task: asyncio.Task[None] | None = None
@@ -175,6 +176,9 @@ class Node:
                 self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
                 self._tasks.create_task(self.loops["failover"].run(), name="failover")
                 self._tasks.create_task(self.prober.run(), name="probes")
+            if self.replicators:
+                self.loops["history"] = Loop("history", self.history.sample, tick_s=self.history.interval_s)
+                self._tasks.create_task(self.loops["history"].run(), name="history")
         except BaseException:
             await self._close_upstreams()
             await self.store.close()
@@ -335,6 +339,7 @@ def build_app(node: Node) -> web.Application:
     app[api.NODE] = node
     api.add_routes(app)
     metrics.add_routes(app, node.metrics)
+    dashboard.add_routes(app)
     return app
 
 

@@ -11,15 +11,25 @@ Inventory format, one ``[[unit]]`` table per node::
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
+from aiohttp import web
+
+from node.auth import requires
+from node.clock import TZ
+from node.dashboard import render, static
 from node.registry import get_unit
+from sync.loop import Loop
 
 _KEYS = frozenset({"unit", "url", "token", "token_env"})
 
@@ -133,3 +143,241 @@ def load_inventory(path: str | Path, *, env: Mapping[str, str] | None = None) ->
     except tomllib.TOMLDecodeError as exc:
         raise InventoryError(p, [f"not valid TOML: {exc}"]) from exc
     return parse_inventory(data, path=p, env=env)
+
+
+# -- the fleet dashboard ----------------------------------------------------------------------------------
+
+FLEET_STATES: tuple[str, ...] = ("healthy", "degraded", "failover", "offline", "unreachable", "unauthorized", "unknown")
+STATE_LABELS = {
+    "healthy": "Ổn định · Healthy",
+    "degraded": "Cần chú ý · Degraded",
+    "failover": "Đang dùng dự phòng · On backup",
+    "offline": "Mất thượng nguồn · Offline",
+    "unreachable": "Không liên lạc được · Unreachable",
+    "unauthorized": "Sai mã truy cập · Unauthorized",
+    "unknown": "Chưa rõ · Unknown",
+}
+VIEW_ROLES = ("operator", "drill", "read-only")
+
+
+def classify(status: Mapping[str, Any]) -> tuple[str, str]:
+    """(state, reason) of a node from its ``/api/v1/status`` answer."""
+    targets: Mapping[str, Any] = status.get("targets") or {}
+    if status.get("offline"):
+        return "offline", "không thượng nguồn nào liên lạc được · no upstream reachable"
+    active = status.get("active_source")
+    troubles = [
+        f"{name}: {t.get('state')} (breaker {t.get('breaker')})"
+        for name, t in targets.items()
+        if t.get("state") != "healthy"
+    ]
+    # The national portal is the primary by design; reading from the city system means a failover happened.
+    if active == "city" and "national" in targets:
+        forced = " (forced by a drill)" if status.get("forced") else ""
+        return "failover", f"active source: city{forced}; " + ("; ".join(troubles) or "national recovering")
+    stuck = sum(int(t.get("dead") or 0) + int(t.get("parked") or 0) for t in targets.values())
+    if troubles or stuck:
+        return "degraded", "; ".join(troubles + ([f"{stuck} dead letter(s)"] if stuck else []))
+    return "healthy", ""
+
+
+@dataclass
+class UnitView:
+    """What the fleet dashboard last learned about one node."""
+
+    node: FleetNode
+    state: str = "unknown"
+    reason: str = "not polled yet"
+    status: dict[str, Any] | None = None
+    polled_at: str | None = None
+
+    def detail(self) -> str:
+        if self.status is None:
+            return self.reason
+        targets = self.status.get("targets") or {}
+        lag = sum(int(t.get("lag_records") or 0) for t in targets.values())
+        active = self.status.get("active_source") or "—"
+        return f"nguồn {active} · chờ {lag}" if targets else "không có thượng nguồn · no targets"
+
+    def describe(self) -> dict[str, Any]:
+        targets = (self.status or {}).get("targets") or {}
+        return {
+            "unit": self.node.unit,
+            "name": self.node.name,
+            "url": self.node.url,
+            "state": self.state,
+            "state_label": STATE_LABELS[self.state],
+            "reason": self.reason,
+            "detail": self.detail(),
+            "active_source": (self.status or {}).get("active_source"),
+            "lag_records": {n: t.get("lag_records") for n, t in targets.items()},
+            "polled_at": self.polled_at,
+        }
+
+
+class FleetMonitor:
+    """Polls every node's ``/api/v1/status`` with its token, server side, a bounded number at a time."""
+
+    def __init__(
+        self, inventory: list[FleetNode], *, poll_s: float = 5.0, timeout_s: float = 3.0, concurrency: int = 32
+    ) -> None:
+        self.views = {n.unit: UnitView(n) for n in inventory}
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self._gate = asyncio.Semaphore(concurrency)
+        self.polled_at: str | None = None
+        self.rounds = 0
+        self.http: aiohttp.ClientSession | None = None
+
+    async def poll_once(self) -> bool:
+        """Poll every node once; a ``Loop`` step."""
+        if self.http is None:
+            raise RuntimeError("the monitor has no HTTP session (start the app first)")
+        http = self.http
+        await asyncio.gather(*(self._poll(http, v) for v in self.views.values()))
+        self.polled_at = _now()
+        self.rounds += 1
+        return False
+
+    async def _poll(self, http: aiohttp.ClientSession, view: UnitView) -> None:
+        async with self._gate:
+            try:
+                async with http.get(
+                    f"{view.node.url}/api/v1/status",
+                    headers={"Authorization": f"Bearer {view.node.token}", "Accept": "application/json"},
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                ) as r:
+                    if r.status in (401, 403):
+                        view.state, view.status = "unauthorized", None
+                        view.reason = f"HTTP {r.status}: {await _error_message(r)}"
+                    elif r.status != 200:
+                        view.state, view.status = "unreachable", None
+                        view.reason = f"HTTP {r.status}: {await _error_message(r)}"
+                    else:
+                        body = await r.json()
+                        if not isinstance(body, dict):
+                            raise ValueError("the status is not a JSON object")
+                        view.status = body
+                        view.state, view.reason = classify(body)
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                view.state, view.status = "unreachable", None
+                view.reason = str(exc) or type(exc).__name__
+        view.polled_at = _now()
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(FLEET_STATES, 0)
+        for v in self.views.values():
+            counts[v.state] += 1
+        return counts
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "polled_at": self.polled_at,
+            "counts": self.counts(),
+            "units": [v.describe() for v in self.views.values()],
+        }
+
+
+async def _error_message(r: aiohttp.ClientResponse) -> str:
+    try:
+        body = await r.json(content_type=None)
+        return str(body["error"]["message"])[:200]
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+        return r.reason or ""
+
+
+def _now() -> str:
+    return datetime.now(TZ).isoformat(timespec="seconds")
+
+
+MONITOR: web.AppKey[FleetMonitor] = web.AppKey("fleet_monitor", FleetMonitor)
+
+
+@requires(*VIEW_ROLES)
+async def fleet_page(request: web.Request) -> web.Response:
+    """All units at a glance, coloured by state; filter by name or state."""
+    monitor = request.app[MONITOR]
+    q = request.query.get("q", "")
+    state = request.query.get("state", "")
+    return render(
+        "fleet.html",
+        static_prefix="dashboard/static/",
+        units=[v.describe() for v in monitor.views.values()],
+        counts=monitor.counts(),
+        states=FLEET_STATES,
+        labels=STATE_LABELS,
+        q=q,
+        state=state if state in FLEET_STATES else "",
+        polled_at=monitor.polled_at,
+        poll_ms=int(min(monitor.poll_s, 5.0) * 1000),
+    )
+
+
+@requires(*VIEW_ROLES)
+async def fleet_json(request: web.Request) -> web.Response:
+    """The fleet's state as JSON (what the grid polls)."""
+    return web.json_response(request.app[MONITOR].describe(), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+@requires(*VIEW_ROLES)
+async def unit_page(request: web.Request) -> web.Response:
+    """One unit: its state, targets and recent failover events as last polled, and a link to its dashboard."""
+    view = request.app[MONITOR].views.get(request.match_info["unit"])
+    if view is None:
+        return render("fleet_unit.html", http_status=404, static_prefix="../dashboard/static/", view=None, unit=None)
+    status = view.status or {}
+    return render(
+        "fleet_unit.html",
+        static_prefix="../dashboard/static/",
+        view=view,
+        unit=view.describe(),
+        targets=status.get("targets") or {},
+        events=list(reversed(status.get("events") or []))[:20],
+    )
+
+
+def build_fleet_app(
+    inventory: list[FleetNode], *, poll_s: float = 5.0, timeout_s: float = 3.0
+) -> web.Application:
+    """The fleet dashboard as an aiohttp app; it polls the nodes while it runs (start it with an AppRunner)."""
+    app = web.Application()
+    app[MONITOR] = FleetMonitor(inventory, poll_s=poll_s, timeout_s=timeout_s)
+    app.cleanup_ctx.append(_polling)
+    app.router.add_get("/", fleet_page)
+    app.router.add_get("/api/fleet", fleet_json)
+    app.router.add_get("/units/{unit}", unit_page)
+    app.router.add_get("/dashboard/static/{name}", static)
+    return app
+
+
+async def _polling(app: web.Application) -> AsyncIterator[None]:
+    monitor = app[MONITOR]
+    async with aiohttp.ClientSession() as http:
+        monitor.http = http
+        loop = Loop("fleet-poll", monitor.poll_once, tick_s=monitor.poll_s)
+        # aiohttp's own pattern for an app's background work: started on startup, awaited on cleanup.
+        task = asyncio.get_running_loop().create_task(loop.run(), name="fleet-poll")
+        try:
+            yield
+        finally:
+            loop.stop()
+            await task
+            monitor.http = None
+
+
+async def serve_fleet(
+    inventory: list[FleetNode], host: str, port: int, stop: asyncio.Event, *, announce: Any = print,
+    poll_s: float = 5.0,
+) -> None:
+    """Serve the fleet dashboard until ``stop`` is set."""
+    runner = web.AppRunner(build_fleet_app(inventory, poll_s=poll_s), handle_signals=False, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        for addr in runner.addresses:
+            shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
+            announce(f"fleet dashboard ({len(inventory)} units) listening on http://{shown}:{addr[1]}/")
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -142,6 +142,74 @@ _STATUS = {
 
 
 @functools.cache
+def _dashboard_paths() -> dict[str, Any]:
+    """The node dashboard and its sign-in page (HTML for browsers, see README "Dashboards")."""
+    html = {"text/html": {"schema": {"type": "string"}}}
+    form = {
+        "application/x-www-form-urlencoded": {
+            "schema": {
+                "type": "object",
+                "properties": {"token": {"type": "string"}, "csrf": {"type": "string"}, "next": {"type": "string"}},
+            }
+        }
+    }
+    return {
+        "/": {"get": {"summary": "Node dashboard (signed-in browser; otherwise 303 to /login)",
+                      "responses": {"200": {"description": "HTML page", "content": html}}}},
+        "/dashboard/panels": {"get": {"summary": "The dashboard's live panels as an HTML fragment",
+                                      "responses": {"200": {"description": "HTML fragment", "content": html}}}},
+        "/dashboard/dossiers/{code}": {"get": {
+            "summary": "One dossier as an HTML fragment (look-up by code)",
+            "parameters": [_CODE],
+            "responses": {"200": {"description": "HTML fragment", "content": html},
+                          "404": {"description": "No such dossier (HTML fragment)", "content": html}},
+        }},
+        "/dashboard/static/{name}": {"get": {
+            "summary": "The dashboards' CSS and JavaScript (public)",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "file"}, **_errors(404)},
+        }},
+        "/login": {
+            "get": {"summary": "Sign-in form (public)", "responses": {"200": {"description": "HTML", "content": html}}},
+            "post": {
+                "summary": "Exchange a token for an HttpOnly, SameSite=Strict session cookie (public)",
+                "requestBody": {"content": form},
+                "responses": {
+                    "303": {"description": "Signed in: cookie set, redirect to `next`"},
+                    "401": {"description": "Unknown or revoked token (the form again)", "content": html},
+                    "403": {"description": "Expired form or a token without a dashboard role", "content": html},
+                    "429": {"description": "Too many failed attempts from this address", "content": html},
+                },
+            },
+        },
+        "/logout": {"post": {
+            "summary": "End the browser session (form field `csrf` or header X-CSRF-Token)",
+            "responses": {"303": {"description": "Signed out, redirect to /login"},
+                          "403": {"description": "Missing or wrong CSRF token", **_json(_ref("Error"))}},
+        }},
+        "/api/v1/status/history": {"get": {
+            "summary": "Replication lag, breaker and active source sampled every 10 s over the last hour",
+            "responses": {"200": {"description": "Samples, oldest first", **_json({
+                "type": "object",
+                "properties": {
+                    "interval_s": {"type": "number"},
+                    "size": {"type": "integer"},
+                    "points": {"type": "array", "items": {"type": "object", "properties": {
+                        "at": {"type": "string"},
+                        "journal_head": {"type": "integer"},
+                        "active_source": {"type": ["string", "null"]},
+                        "targets": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+                            "lag_records": {"type": "integer"},
+                            "lag_seconds": {"type": "number"},
+                            "breaker": {"type": ["string", "null"]},
+                        }}},
+                    }}},
+                },
+            })}},
+        }},
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     step = _obj(STEP_FIELDS, STEP_REQUIRED)
     fee = _obj(FEE_FIELDS, FEE_REQUIRED)
@@ -452,6 +520,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
+            **_dashboard_paths(),
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics (text exposition format); roles operator or read-only",
