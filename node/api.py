@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from failover.windows import MODES, WindowSpecError
+from node.auth import public, requires
 from node.clock import TZ, iso
 from node.domain.validation import validate_fee, validate_intake, validate_step
 from node.errors import ApiError, validation_error
@@ -45,7 +46,9 @@ def json_response(body: Any, status: int = 200) -> web.Response:
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.Response(status=err.status, body=err.body(), content_type=_JSON, charset="utf-8")
+    return web.Response(
+        status=err.status, body=err.body(), content_type=_JSON, charset="utf-8", headers=err.headers or None
+    )
 
 
 _HTTP_CODES = {
@@ -130,6 +133,7 @@ def _reply(result: Result) -> web.Response:
     return web.Response(status=result.status, text=result.body, content_type=_JSON)
 
 
+@requires("clerk")
 async def create_dossier(request: web.Request) -> web.Response:
     body = await read_json(request)
     clean, errors = validate_intake(body, own_unit=request.app[UNIT])
@@ -151,21 +155,25 @@ async def _validated(
     return code, clean, idempotency(request, f"POST /api/v1/dossiers/{code}/{what}", body)
 
 
+@requires("clerk")
 async def add_step(request: web.Request) -> web.Response:
     code, clean, idem = await _validated(request, "steps", validate_step)
     return _reply(await request.app[SERVICE].add_step(code, clean, idem))
 
 
+@requires("clerk")
 async def add_fee(request: web.Request) -> web.Response:
     code, clean, idem = await _validated(request, "fees", validate_fee)
     return _reply(await request.app[SERVICE].add_fee(code, clean, idem))
 
 
+@requires("clerk")
 async def forward(request: web.Request) -> web.Response:
     """The receiving unit hands a boundary-free dossier to its competent unit (forwarding 1 → 4)."""
     return await _forwarding(request, "forward")
 
 
+@requires("clerk")
 async def take_over(request: web.Request) -> web.Response:
     """The competent unit takes a forwarded dossier over (forwarding 4 → 2)."""
     return await _forwarding(request, "take-over")
@@ -183,6 +191,7 @@ async def _forwarding(request: web.Request, action: str) -> web.Response:
     return _reply(await request.app[SERVICE].forwarding(code, action, idem))
 
 
+@requires("clerk", "operator", "read-only")
 async def get_dossier(request: web.Request) -> web.Response:
     code = request.match_info["code"]
     row = await request.app[STORE].fetchone("SELECT record, digest, conflicts FROM dossiers WHERE code = ?", (code,))
@@ -220,6 +229,7 @@ async def _replication_of(request: web.Request, code: str, digest: str) -> dict[
     return out
 
 
+@requires("operator", "read-only")
 async def dead_letters(request: web.Request) -> web.Response:
     target = request.query.get("target")
     if target is not None and target not in request.app[NODE].replicators:
@@ -242,6 +252,7 @@ async def dead_letters(request: web.Request) -> web.Response:
     return json_response({"items": items})
 
 
+@requires("operator")
 async def retry_dead_letter(request: web.Request) -> web.Response:
     target, code = request.match_info["target"], request.match_info["code"]
     rep = request.app[NODE].replicators.get(target)
@@ -253,6 +264,7 @@ async def retry_dead_letter(request: web.Request) -> web.Response:
     return json_response({"target": target, "code": code, "state": "pending"}, status=202)
 
 
+@requires("clerk", "operator", "drill", "peer", "read-only")
 async def status(request: web.Request) -> web.Response:
     node = request.app[NODE]
     head = node.service.journal_head
@@ -303,6 +315,7 @@ def _antientropy_of(node: Any, name: str) -> dict[str, Any] | None:
 _SOURCES = ("national", "city", "auto")
 
 
+@requires("drill")
 async def admin_failover(request: web.Request) -> web.Response:
     """Force the active source for a while (drills), or release it with "auto"."""
     node = request.app[NODE]
@@ -327,6 +340,7 @@ async def admin_failover(request: web.Request) -> web.Response:
     return json_response(node.controller.describe())
 
 
+@requires("drill")
 async def admin_faults_open(request: web.Request) -> web.Response:
     """Open a local fault window in one target's path; it closes by itself."""
     node = request.app[NODE]
@@ -361,10 +375,12 @@ async def admin_faults_open(request: web.Request) -> web.Response:
     return json_response({"windows": node.windows.describe()}, status=201)
 
 
+@requires("drill", "operator", "read-only")
 async def admin_faults_list(request: web.Request) -> web.Response:
     return json_response({"windows": request.app[NODE].windows.describe()})
 
 
+@requires("drill")
 async def admin_faults_clear(request: web.Request) -> web.Response:
     target = request.query.get("target")
     closed = request.app[NODE].windows.clear(target)
@@ -427,6 +443,7 @@ def _parse_since(raw: str) -> str:
 _LIST_PARAMS = {"status", "competent_unit", "updated_since", "limit", "cursor"}
 
 
+@requires("clerk", "operator", "read-only")
 async def list_dossiers(request: web.Request) -> web.Response:
     unknown = set(request.query) - _LIST_PARAMS
     if unknown:
@@ -469,6 +486,7 @@ async def list_dossiers(request: web.Request) -> web.Response:
     return json_response(f'{{"items":[{items}],"next_cursor":{nxt}}}')
 
 
+@requires("clerk", "operator", "read-only")
 async def changes(request: web.Request) -> web.Response:
     since = _int_param(request, "since", 0, 0, 2**62)
     limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE * 2)
@@ -481,16 +499,19 @@ async def changes(request: web.Request) -> web.Response:
     return json_response({"items": items, "next": rows[-1][1] if rows else since})
 
 
+@public
 async def livez(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+@public
 async def readyz(request: web.Request) -> web.Response:
     if not request.app[READY]():
         raise ApiError(503, "not_ready", "the node is starting or stopping")
     return json_response({"status": "ready", "unit": request.app[UNIT]})
 
 
+@requires("clerk", "operator", "drill", "peer", "read-only")
 async def openapi(request: web.Request) -> web.Response:
     return json_response(openapi_document())
 

@@ -22,6 +22,7 @@ from failover.controller import Controller
 from failover.health import Prober
 from failover.windows import FaultWindows, GuardedUpstream
 from node import api, dashboard, metrics
+from node.auth import AUTH, Auth, auth_middleware
 from node.clock import Clock
 from node.config import Config
 from node.registry import get_unit
@@ -43,6 +44,7 @@ class Node:
         self.config = config
         self.clock = clock or Clock()
         self.store = Store(config.db_path)
+        self.auth = Auth(self.store, self.clock)
         self.service = DossierService(
             self.store, unit=config.node.unit, agency=config.node.agency_code, clock=self.clock
         )
@@ -329,7 +331,7 @@ class Node:
 def build_app(node: Node) -> web.Application:
     app = web.Application(
         client_max_size=node.config.node.max_body_bytes,
-        middlewares=[api.error_middleware],
+        middlewares=[api.error_middleware, auth_middleware],
         handler_args={"max_field_size": 8190},
     )
     app[api.SERVICE] = node.service
@@ -337,6 +339,7 @@ def build_app(node: Node) -> web.Application:
     app[api.UNIT] = node.config.node.unit
     app[api.READY] = lambda: node.ready
     app[api.NODE] = node
+    app[AUTH] = node.auth
     api.add_routes(app)
     metrics.add_routes(app, node.metrics)
     dashboard.add_routes(app)

@@ -18,7 +18,11 @@ from node.registry import get_unit, is_agency_code
 EXIT_CONFIG = 2
 
 # Modules under node/commands (and elsewhere) that add subcommands: each exposes register(sub).
-COMMAND_MODULES: tuple[str, ...] = ("node.commands.status", "node.commands.dashboard")
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.commands.tokens",
+    "node.commands.status",
+    "node.commands.dashboard",
+)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

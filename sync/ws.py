@@ -42,6 +42,7 @@ import structlog
 from aiohttp import WSCloseCode, WSMsgType, web
 from pycrdt import YMessageType, YSyncMessageType, create_sync_message, create_update_message, write_message
 
+from node.auth import requires
 from node.domain.validation import is_dvcqg_datetime, validate_fee, validate_step
 from node.errors import ApiError
 from node.service import DossierService, Merge
@@ -512,6 +513,7 @@ class SyncHub:
 HUB: web.AppKey[SyncHub] = web.AppKey("sync_hub", SyncHub)
 
 
+@requires("peer", "clerk")
 async def sync_endpoint(request: web.Request) -> web.StreamResponse:
     """``GET /sync/v1/{code}``: a y-websocket connection to one dossier's Doc."""
     code = request.match_info["code"]
