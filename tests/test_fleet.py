@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
-from node.fleet import FleetNode, InventoryError, load_inventory
+from node.cli import main
+from node.demo import free_port
+from node.fleet import MONITOR, FleetMonitor, FleetNode, InventoryError, build_fleet_app, classify, load_inventory
+from tests.conftest import make_config, running_node
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -70,3 +79,88 @@ class TestInventory:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(InventoryError, match="file not found"):
             load_inventory(tmp_path / "nope.toml")
+
+
+class TestClassify:
+    """A node's state on the grid follows from its status answer."""
+
+    def test_states(self) -> None:
+        healthy = {"state": "healthy", "breaker": "closed", "dead": 0, "parked": 0}
+        down = {"state": "down", "breaker": "open", "dead": 0, "parked": 0}
+        both = {"national": healthy, "city": healthy}
+        assert classify({"active_source": "national", "offline": False, "targets": both}) == ("healthy", "")
+        assert classify({"active_source": None, "offline": False, "targets": {}})[0] == "healthy"
+        assert classify({"active_source": None, "offline": True, "targets": {"national": down, "city": down}})[
+            0
+        ] == "offline"
+        state, reason = classify({"active_source": "city", "targets": {"national": down, "city": healthy}})
+        assert state == "failover" and "national: down (breaker open)" in reason
+        state, reason = classify({"active_source": "national", "targets": {"national": down, "city": healthy}})
+        assert state == "degraded"
+        stuck = {**healthy, "parked": 2}
+        assert classify({"active_source": "national", "targets": {"national": healthy, "city": stuck}}) == (
+            "degraded",
+            "2 dead letter(s)",
+        )
+
+
+@contextlib.asynccontextmanager
+async def fleet_server(inventory: list[FleetNode]) -> AsyncIterator[tuple[FleetMonitor, str, aiohttp.ClientSession]]:
+    app = build_fleet_app(inventory, poll_s=3600.0, timeout_s=1.0)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as browser:
+            yield app[MONITOR], str(server.make_url("")).rstrip("/"), browser
+    finally:
+        await server.close()
+
+
+class TestFleetDashboard:
+    """The grid polls every node with its own token, server side, and shows each unit's state."""
+
+    async def test_grid_shows_each_unit_in_its_state(self, tmp_path: Path) -> None:
+        async with (
+            running_node(make_config(tmp_path / "a")) as (node_a, url_a, _sa),
+            running_node(make_config(tmp_path / "b", unit="26732", agency_code="000.00.99.H29")) as (_nb, url_b, _sb),
+        ):
+            token_a = await node_a.auth.create_token(["read-only"], name="fleet")
+            inventory = [
+                FleetNode("26743", "Phường Bến Thành", url_a, token_a),
+                FleetNode("26732", "Đặc khu Côn Đảo", url_b, "wst_wrong"),
+                FleetNode("26734", "Phường Sài Gòn", f"http://127.0.0.1:{free_port()}", "wst_x"),
+            ]
+            async with fleet_server(inventory) as (monitor, base, browser):
+                await monitor.poll_once()
+                async with browser.get(f"{base}/api/fleet") as r:
+                    body = await r.json()
+                states = {u["unit"]: u["state"] for u in body["units"]}
+                assert states == {"26743": "healthy", "26732": "unauthorized", "26734": "unreachable"}
+                assert body["counts"]["healthy"] == 1 and body["counts"]["unreachable"] == 1
+                async with browser.get(f"{base}/") as r:
+                    html = await r.text()
+                    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+                for code, state in states.items():
+                    assert re.search(rf'class="tile state-{state}" id="unit-{code}" href="units/{code}"', html)
+                assert "Phường Bến Thành" in html and "Đặc khu Côn Đảo" in html
+                async with browser.get(f"{base}/units/26743") as r:
+                    detail = await r.text()
+                    assert r.status == 200
+                assert f'href="{url_a}/"' in detail and "Ổn định · Healthy" in detail
+                async with browser.get(f"{base}/units/99999") as r:
+                    assert r.status == 404
+                async with browser.get(f"{base}/?q=%3Cscript%3E&state=bogus") as r:
+                    page = await r.text()
+                    assert "<script>" not in page and "&lt;script&gt;" in page
+                for text in (html, detail, json.dumps(body)):
+                    assert token_a not in text and "wst_wrong" not in text
+
+
+class TestCommand:
+    """wardsync fleet-dashboard refuses a bad inventory with exit status 2, listing each problem."""
+
+    def test_bad_inventory(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        path = write(tmp_path, '[[unit]]\nunit = "26743"\nurl = "http://127.0.0.1:1"\n')
+        assert main(["fleet-dashboard", "--fleet", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert "unit[0] (26743): token: required" in err
