@@ -10,15 +10,30 @@ from typing import Any
 
 import structlog
 
-# Citizen ID numbers (12 digits) and Vietnamese phone numbers must never reach a log file.
-_CITIZEN_ID = re.compile(r"(?<!\d)\d{12}(?!\d)")
-_PHONE = re.compile(r"(?<![\d.])(?:\+?84|0)\d{9,10}(?![\d.])")
-_SECRET_KEYS = ("password", "secret", "token", "session", "authorization", "sogiayto", "sodienthoai")
+# Citizen ID numbers (12-digit CCCD, 9-digit CMND) and Vietnamese phone numbers (mobile or landline,
+# national or +84 form, digits optionally grouped by spaces, dots or hyphens) must never reach a log file.
+_CITIZEN_ID = re.compile(r"(?<!\d)(?:\d{12}|\d{9})(?!\d)")
+_PHONE = re.compile(r"(?<![\d.])(?:\+?84|0)(?:[ .-]?\d){9,10}(?![\d.])")
+# Credentials that travel inside text: a bearer header echoed in an error, an API token, a password in a URL.
+_CREDENTIAL = re.compile(r"(?i)(?:\bbearer\s+\S+|\bwst_[A-Za-z0-9_-]+|(?<=://)[^/\s:@]+:[^/\s@]+(?=@))")
+_SECRET_KEYS = (
+    "password",
+    "secret",
+    "token",
+    "session",
+    "authorization",
+    "cookie",
+    "csrf",
+    "credential",
+    "sogiayto",
+    "sodienthoai",
+)
 REDACTED = "[redacted]"
+_STDLIB_HANDLER = "wardsync"
 
 
 def redact_text(text: str) -> str:
-    return _PHONE.sub(REDACTED, _CITIZEN_ID.sub(REDACTED, text))
+    return _PHONE.sub(REDACTED, _CITIZEN_ID.sub(REDACTED, _CREDENTIAL.sub(REDACTED, text)))
 
 
 def _redact(value: Any) -> Any:
@@ -62,3 +77,26 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+    # Libraries log through the standard library (aiohttp's server errors, asyncio): the same format and
+    # the same redaction, so an exception text quoting a request cannot leak what our own lines never do.
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            redact,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    handler.set_name(_STDLIB_HANDLER)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == _STDLIB_HANDLER]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
