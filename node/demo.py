@@ -16,7 +16,10 @@ from typing import Any
 
 import aiohttp
 
-from node.config import load_config, render_config
+from node.auth import ROLES, Auth
+from node.clock import Clock
+from node.config import Config, load_config, render_config
+from node.store import Store
 
 DEMO_UNIT = "26743"
 DEMO_AGENCY = "000.00.17.H29"
@@ -55,6 +58,12 @@ async def _counts(http: aiohttp.ClientSession, node: str, national: str, city: s
     return f"node {local} · national portal {await n_upstream(national)} · city system {await n_upstream(city)}"
 
 
+async def _demo_token(config: Config) -> str:
+    """A token holding every role, made before the node starts (the demo's user is every kind of user)."""
+    async with Store(config.db_path) as store:
+        return await Auth(store, Clock()).create_token(ROLES, name="demo")
+
+
 async def run_demo(
     base: Path,
     *,
@@ -85,15 +94,20 @@ async def run_demo(
             city_url=city_url,
         )
     )
+    cfg.chmod(0o600)  # it holds the stand-ins' credentials
     config = load_config(cfg)
     node_url = f"http://{host}:{port}"
+    token = await _demo_token(config)
+    (base / "token").write_text(token + "\n")
+    (base / "token").chmod(0o600)
+    auth = {"Authorization": f"Bearer {token}"}
 
     async with asyncio.TaskGroup() as tg:
         tg.create_task(national_portal.serve(host, nport, base / "national", stop, announce=announce))
         tg.create_task(city_system.serve(host, cport, base / "city", stop, announce=announce))
         await asyncio.sleep(0.5)
         tg.create_task(serve_node(config, stop=stop, announce=announce))
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=auth) as http:
             for _ in range(100):
                 with contextlib.suppress(aiohttp.ClientError):
                     async with http.get(f"{node_url}/readyz") as r:
@@ -105,9 +119,13 @@ async def run_demo(
                     body = await r.json()
                     announce(f"accepted {body.get('MaHoSo')} (HTTP {r.status})")
             announce("")
+            announce(f"A token for every role (also in {base / 'token'}); the dashboard at {node_url}/ asks for it.")
             announce("Try it:")
-            announce(f"  curl -s {node_url}/api/v1/status")
-            announce(f"  curl -s -X POST {node_url}/api/v1/dossiers -H 'Content-Type: application/json' \\")
+            announce(f"  export WARDSYNC_TOKEN={token}")
+            announce(f'  curl -s -H "Authorization: Bearer $WARDSYNC_TOKEN" {node_url}/api/v1/status')
+            announce(f"  wardsync status --url {node_url}")
+            announce(f'  curl -s -X POST {node_url}/api/v1/dossiers -H "Authorization: Bearer $WARDSYNC_TOKEN" \\')
+            announce("       -H 'Content-Type: application/json' \\")
             announce(f"       -d '{json.dumps(sample_intake(99), ensure_ascii=False)}'")
             announce(
                 f'  curl -s -X POST {national_url}/__faults -d \'{{"mode": "down", "seconds": 30}}\''

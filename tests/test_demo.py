@@ -8,7 +8,11 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import pytest
 
 from tests.test_replication_crash import _free_port
 
@@ -55,6 +59,17 @@ class TestDemo:
             assert any(f"listening on http://127.0.0.1:{port}" in x for x in lines), lines
             assert sum(x.startswith("accepted ") and "(HTTP 201)" in x for x in lines) == 3, lines
             assert lines[-1].startswith("node 3 · national portal 3 · city system 3"), lines
+            # The printed token is what a newcomer pastes: it opens the API, and nothing opens without it.
+            (export,) = [x for x in lines if x.strip().startswith("export WARDSYNC_TOKEN=")]
+            token = export.split("=", 1)[1]
+            status_url = f"http://127.0.0.1:{port}/api/v1/status"
+            request = urllib.request.Request(status_url, headers={"Authorization": f"Bearer {token}"})
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                assert resp.status == 200
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(status_url, timeout=10)
+            assert refused.value.code == 401
+            refused.value.close()
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=15) == 0
             rest = proc.stdout.read()
