@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from failover.windows import MODES, WindowSpecError
+from node import audit, tls
 from node.auth import public, requires
 from node.clock import TZ, iso
 from node.domain.validation import validate_fee, validate_intake, validate_step
@@ -288,6 +289,7 @@ async def status(request: web.Request) -> web.Response:
             "last_error": node.loops[name].last_error or guarded.last_error,
             "fault_windows": [w for w in node.windows.describe() if w["target"] == name],
             "antientropy": _antientropy_of(node, name),
+            "tls": tls.describe(node.config, name),
         }
     controller = node.controller
     body: dict[str, Any] = {
@@ -299,6 +301,7 @@ async def status(request: web.Request) -> web.Response:
         "forced": controller.describe()["forced"] if controller else None,
         "targets": targets,
         "events": controller.events if controller else [],
+        "audit": await audit.describe(node.store),
     }
     return json_response(body)
 

@@ -21,7 +21,7 @@ from failover.breaker import Breaker, BreakerSettings, BreakerState
 from failover.controller import Controller
 from failover.health import Prober
 from failover.windows import FaultWindows, GuardedUpstream
-from node import api, dashboard, metrics
+from node import api, dashboard, metrics, receipts, tls
 from node.auth import AUTH, Auth, auth_middleware
 from node.clock import Clock
 from node.config import Config
@@ -60,7 +60,8 @@ class Node:
         self.antientropy: dict[str, AntiEntropy] = {}
         self._last_pull: dict[str, float] = {}
         self.prober: Prober | None = None
-        self._http: aiohttp.ClientSession | None = None
+        self._sessions: list[aiohttp.ClientSession] = []  # one per target: each has its own TLS trust
+        self.receipt_key: receipts.ReceiptKey | None = None
         self.metrics = metrics.NodeMetrics()
         self.history = dashboard.StatusHistory(self)
         self.app = build_app(self)
@@ -78,6 +79,7 @@ class Node:
         structlog.contextvars.bind_contextvars(unit=self.config.node.unit)
         await self.store.open()
         try:
+            self.receipt_key = receipts.load_or_create(receipts.key_dir_of(self.config))
             await self.service.load()
             self.upstreams = self._given_upstreams if self._given_upstreams is not None else self._build_upstreams()
             rc = self.config.replication
@@ -199,13 +201,13 @@ class Node:
         await self.close()
 
     def _build_upstreams(self) -> list[Upstream]:
-        """The adapters the configuration names, sharing one HTTP connection pool."""
+        """The adapters the configuration names, each with its own connection pool and TLS trust."""
         if self.config.national is None and self.config.city is None:
             return []
         from adapters.city import CityAdapter
         from adapters.national import NationalAdapter
 
-        self._http = aiohttp.ClientSession()
+        tls.warn_unverified(self.config)
         ups: list[Upstream] = []
         if (n := self.config.national) is not None:
             ups.append(
@@ -215,7 +217,7 @@ class Node:
                     password=n.password,
                     dstcode=n.dstcode,
                     madonvi=n.madonvi,
-                    session=self._http,
+                    session=self._session_for(n),
                     timeout_s=n.timeout_s,
                 )
             )
@@ -225,7 +227,7 @@ class Node:
                     c.url,
                     client_id=c.client_id,
                     client_secret=c.client_secret,
-                    session=self._http,
+                    session=self._session_for(c),
                     timeout_s=c.timeout_s,
                 )
             )
@@ -297,9 +299,14 @@ class Node:
                 await upstream.close()
             except Exception as exc:
                 log.warning("upstream_close_failed", target=upstream.name, error=str(exc))
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
+        sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            await session.close()
+
+    def _session_for(self, target: Any) -> aiohttp.ClientSession:
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client_context(target)))
+        self._sessions.append(session)
+        return session
 
     async def close(self) -> None:
         """Drain the writer, then close the store; idempotent; re-raises the first error."""
@@ -341,6 +348,7 @@ def build_app(node: Node) -> web.Application:
     app[api.NODE] = node
     app[AUTH] = node.auth
     api.add_routes(app)
+    receipts.add_routes(app)
     metrics.add_routes(app, node.metrics)
     dashboard.add_routes(app)
     return app
@@ -354,12 +362,16 @@ async def serve(config: Config, *, stop: asyncio.Event, announce: Any = print, c
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, config.listen_host, config.listen_port, reuse_address=True)
+            ssl_context = tls.server_context(config)
+            site = web.TCPSite(
+                runner, config.listen_host, config.listen_port, reuse_address=True, ssl_context=ssl_context
+            )
             await site.start()
             for addr in runner.addresses:
                 host, port = addr[0], addr[1]
                 shown = f"[{host}]" if ":" in host else host
-                announce(f"wardsync node {config.node.unit} listening on http://{shown}:{port}")
+                scheme = "https" if ssl_context is not None else "http"
+                announce(f"wardsync node {config.node.unit} listening on {scheme}://{shown}:{port}")
             log.info("listening", addresses=[f"{a[0]}:{a[1]}" for a in runner.addresses])
             await stop.wait()
             log.info("stopping")

@@ -21,6 +21,7 @@ EXIT_CONFIG = 2
 COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.tokens",
     "node.commands.status",
+    "node.commands.security",
     "node.commands.dashboard",
 )
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from node import tls
 from node.registry import get_unit, is_agency_code
+from node.secretfile import exposure_problem
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./data"
@@ -36,6 +38,11 @@ class NodeSection:
     data_dir: str = DEFAULT_DATA_DIR
     max_body_bytes: int = DEFAULT_MAX_BODY
     shutdown_timeout_s: float = 30.0
+    # HTTPS: PEM certificate (chain) and key; both or neither. Empty: plain HTTP.
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Where the receipt signing key lives; empty: <data_dir>/keys (see node/receipts.py).
+    key_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,9 @@ class NationalTarget:
     dstcode: str = ""
     madonvi: str = ""
     timeout_s: float = 10.0
+    # PEM CA bundle to verify the portal's certificate with (empty: the system's); see node/tls.py.
+    ca_bundle: str = ""
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,8 @@ class CityTarget:
     client_id: str = ""
     client_secret: str = ""
     timeout_s: float = 10.0
+    ca_bundle: str = ""
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,13 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 def _coerce(value: Any, target: type[Any], where: str, problems: list[str]) -> Any:
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in {"true", "1", "yes", "false", "0", "no"}:
+            return value.strip().lower() in {"true", "1", "yes"}
+        problems.append(f"{where}: must be true or false, got {value!r}")
+        return None
     if target is int:
         if isinstance(value, bool):
             problems.append(f"{where}: must be an integer")
@@ -198,6 +217,8 @@ def load_config(
             raise ConfigError([f"{path}: is a directory, not a configuration file"]) from exc
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+        if exposed := exposure_problem(Path(path), raw):
+            problems.append(exposed)
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
@@ -275,6 +296,7 @@ def validate(config: Config) -> list[str]:
         problems.append("[node] max_body_bytes: must be between 1024 and 67108864")
     if node.shutdown_timeout_s <= 0:
         problems.append("[node] shutdown_timeout_s: must be positive")
+    problems.extend(tls.config_problems(config))
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         problems.append(f"[log] level: {config.log.level!r} is not one of debug, info, warning, error")
     for name, target, needed in (

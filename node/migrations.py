@@ -128,6 +128,24 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         );
         """,
     ),
+    (
+        7,
+        """
+        CREATE TABLE audit_log (
+            seq       INTEGER PRIMARY KEY,
+            at        TEXT NOT NULL,
+            kind      TEXT NOT NULL,
+            code      TEXT NOT NULL,
+            change    TEXT NOT NULL,
+            digest    TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash      TEXT NOT NULL
+        );
+        CREATE INDEX audit_log_code ON audit_log (code, seq);
+        CREATE TABLE audit_origin (change_seq INTEGER NOT NULL);
+        INSERT INTO audit_origin (change_seq) SELECT coalesce(max(change_seq), 0) FROM dossiers
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

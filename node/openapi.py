@@ -6,6 +6,7 @@ import functools
 from typing import Any
 
 from node import __version__
+from node.receipts import openapi_paths as receipt_paths
 from node.domain.validation import (
     DOCUMENT_FIELDS,
     DOCUMENT_REQUIRED,
@@ -521,6 +522,7 @@ def openapi_document() -> dict[str, Any]:
             },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI"}}}},
             **_dashboard_paths(),
+            **receipt_paths(),
             "/metrics": {
                 "get": {
                     "summary": "Prometheus metrics (text exposition format); roles operator or read-only",

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from pycrdt import Doc
 
+from node import audit
 from node.clock import Clock, dvcqg, iso, local
 from node.domain.status import allowed_next, is_legal
 from node.errors import ApiError
@@ -122,6 +123,7 @@ class _Batch:
     cursors: dict[str, int] = field(default_factory=dict)
     minted: bool = False
     bases: dict[str, str] = field(default_factory=dict)
+    audited: list[audit.Change] = field(default_factory=list)
 
 
 def request_hash(body: object) -> str:
@@ -333,6 +335,7 @@ class DossierService:
             self._cache.popitem(last=False)
 
     def _apply(self, op: Op, batch: _Batch, now: Any, day: str) -> Result:
+        start = len(batch.journal)
         if isinstance(op, Intake):
             result = self._apply_intake(op, batch, now, day)
         elif isinstance(op, AddStep):
@@ -343,6 +346,7 @@ class DossierService:
             result = self._apply_forwarding(op, batch, now)
         else:
             result = self._apply_fee(op, batch, now)
+        batch.audited += audit.collect(audit.kind_of(op), batch.journal[start:], batch.inserts, batch.updates)
         if op.idem is not None and result.status < 300:
             batch.idem.append((op.idem.scope, op.idem.key, op.idem.request_hash, result.status, result.body, iso(now)))
         return result
@@ -649,6 +653,8 @@ def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, st
             PORTAL_BASE_UPSERT,
             list(batch.bases.items()),
         )
+    if batch.audited:
+        audit.append(conn, batch.audited)
     conn.execute(
         "INSERT INTO meta (key, value) VALUES ('hlc', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (hlc,),

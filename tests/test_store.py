@@ -80,6 +80,21 @@ SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
         ("pull_cursors", {"target": "city", "seq": 3}),
         ("portal_base", {"code": _DOSSIER_ROW["code"], "record": "{}"}),
     ],
+    7: [
+        (
+            "audit_log",
+            {
+                "seq": 1,
+                "at": "2025-07-01T01:00:00.000Z",
+                "kind": "intake",
+                "code": _DOSSIER_ROW["code"],
+                "change": "1" * 64,
+                "digest": "0" * 64,
+                "prev_hash": "0" * 64,
+                "hash": "2" * 64,
+            },
+        ),
+    ],
 }
 
 
