@@ -68,7 +68,8 @@ def _cpu_s() -> float:
 
 
 async def run(
-    url: str, *, clients: int, warmup: float, seconds: float, request_timeout: float, idempotency: bool
+    url: str, *, clients: int, warmup: float, seconds: float, request_timeout: float, idempotency: bool,
+    token: str | None = None,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     statuses: Counter[str] = Counter()
@@ -76,6 +77,8 @@ async def run(
     accepted_total = 0
     sent_total = 0
     headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     prefix = f"bench-{os.getpid()}-{time.time_ns()}"
 
     t0 = time.perf_counter()
@@ -167,10 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout, seconds")
     parser.add_argument("--idempotency", action="store_true", help="send a fresh Idempotency-Key per request")
+    parser.add_argument("--token", default=os.environ.get("WARDSYNC_TOKEN"), help="bearer token (a clerk's)")
     args = parser.parse_args(argv)
     result = asyncio.run(
         run(args.url, clients=args.clients, warmup=args.warmup, seconds=args.seconds, request_timeout=args.timeout,
-            idempotency=args.idempotency)
+            idempotency=args.idempotency, token=args.token)
     )
     print(json.dumps(result), flush=True)
     return 0

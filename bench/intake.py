@@ -182,6 +182,8 @@ def run_load(server: subprocess.Popen[Any], url: str, args: argparse.Namespace, 
            "--warmup", str(args.warmup), "--seconds", str(args.seconds), "--timeout", str(args.timeout)]
     if args.idempotency:
         cmd.append("--idempotency")
+    if getattr(args, "token", None):
+        cmd += ["--token", args.token]
     load = spawn(cmd, log=log, stdout=subprocess.PIPE)
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -262,6 +264,11 @@ def bench_server(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             )
             if init.returncode != 0:
                 raise RuntimeError(f"wardsync init failed: {init.stderr.strip()}")
+            token = subprocess.run(
+                [*wardsync_cmd(), "token", "create", "--config", str(tmp / "wardsync.toml"), "--role", "clerk"],
+                cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
+            ).stdout.strip()
+            args = argparse.Namespace(**{**vars(args), "token": token})
             cmd = [*wardsync_cmd(), "serve", "--config", str(tmp / "wardsync.toml")]
             health = f"{base}/readyz"
         else:
