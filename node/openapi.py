@@ -285,8 +285,12 @@ def openapi_document() -> dict[str, Any]:
         "info": {
             "title": "wardsync node API",
             "version": __version__,
-            "description": "Offline-first intake of administrative-procedure dossiers at one unit.",
+            "description": "Offline-first intake of administrative-procedure dossiers at one unit. Every route but "
+            "/livez and /readyz needs 'Authorization: Bearer TOKEN' with a role the route admits (clerk, operator, "
+            "drill, peer, read-only): 401 without a valid token, 403 with a role the route does not admit, 429 "
+            "after repeated failures from one address.",
         },
+        "security": [{"bearerAuth": []}],
         "paths": {
             "/api/v1/dossiers": {
                 "post": {
@@ -513,10 +517,13 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
-            "/livez": {"get": {"summary": "The process is alive", "responses": {"200": {"description": "ok"}}}},
+            "/livez": {
+                "get": {"summary": "The process is alive", "security": [], "responses": {"200": {"description": "ok"}}}
+            },
             "/readyz": {
                 "get": {
                     "summary": "The node accepts dossiers",
+                    "security": [],
                     "responses": {"200": {"description": "ready"}, **_errors(503)},
                 }
             },
@@ -536,6 +543,13 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {
+            "securitySchemes": {
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "A token from 'wardsync token create --role ROLE'; browsers sign in at /login",
+                }
+            },
             "schemas": {
                 "Intake": intake,
                 "Step": step,
