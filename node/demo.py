@@ -74,6 +74,8 @@ async def run_demo(
     announce: Any = print,
 ) -> None:
     from node.app import serve as serve_node
+    from node.fleet import FleetNode, serve_fleet
+    from node.registry import get_unit
     from simulations import city_system, national_portal
 
     base.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once at start, before anything is served
@@ -81,7 +83,8 @@ async def run_demo(
     ports = json.loads(ports_file.read_text()) if ports_file.exists() else {}
     nport = ports.get("national") or free_port(host)
     cport = ports.get("city") or free_port(host)
-    ports_file.write_text(json.dumps({"national": nport, "city": cport}))
+    fport = ports.get("fleet") or free_port(host)
+    ports_file.write_text(json.dumps({"national": nport, "city": cport, "fleet": fport}))
     national_url, city_url = f"http://{host}:{nport}", f"http://{host}:{cport}"
     cfg = base / "wardsync.toml"
     cfg.write_text(
@@ -107,6 +110,9 @@ async def run_demo(
         tg.create_task(city_system.serve(host, cport, base / "city", stop, announce=announce))
         await asyncio.sleep(0.5)
         tg.create_task(serve_node(config, stop=stop, announce=announce))
+        unit = get_unit(DEMO_UNIT)
+        demo_fleet = [FleetNode(DEMO_UNIT, unit.name if unit else DEMO_UNIT, node_url, token)]
+        tg.create_task(serve_fleet(demo_fleet, host, fport, stop, announce=announce, poll_s=2.0))
         async with aiohttp.ClientSession(headers=auth) as http:
             for _ in range(100):
                 with contextlib.suppress(aiohttp.ClientError):

@@ -377,7 +377,8 @@ async def serve_fleet(
         await site.start()
         for addr in runner.addresses:
             shown = f"[{addr[0]}]" if ":" in addr[0] else addr[0]
-            announce(f"fleet dashboard ({len(inventory)} units) listening on http://{shown}:{addr[1]}/")
+            units = f"{len(inventory)} unit{'' if len(inventory) == 1 else 's'}"
+            announce(f"fleet dashboard ({units}) listening on http://{shown}:{addr[1]}/")
         await stop.wait()
     finally:
         await runner.cleanup()
