@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from node.app import Node
 
 BREAKER_STATES = ("closed", "half_open", "open")
-SOURCES = ("national", "city")
+RECORD_OUTCOMES = ("acked", "retry", "invalid", "collision", "failed")
 # Push calls carry up to batch_size dossiers over a WAN: from a few ms on loopback to the 10 s timeout.
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Intake is one group commit with an fsync: milliseconds, up to seconds on a struggling disk.
@@ -112,8 +112,11 @@ class NodeMetrics:
             primary = node.controller.primary
             node.controller.on_switch.append(lambda frm, to: self.failovers.labels(direction(frm, to, primary)).inc())
         for target in node.replicators:
+            # Series exist from the start at 0, so rate() and alerts see the first increment.
             for outcome in ("ok", "partial", "error"):
                 self.push_requests.labels(target, outcome)
+            for outcome in RECORD_OUTCOMES:
+                self.push_records.labels(target, outcome)
             self.push_duration.labels(target)
         for d in ("failover", "failback", "offline"):
             self.failovers.labels(d)
