@@ -10,7 +10,7 @@ and forwards as documented (``--fault-via auto``); otherwise the stand-in's own 
 (503 answers instead of refused connections) and the report says so. One real :class:`node.app.Node` per
 registry unit (the first ``--nodes`` of ``node.registry.units()``, with distinct synthetic agency codes
 ``000.NN.NN.H29``), each with its own SQLite store in a temporary directory, spread over ``--workers``
-processes (``bench/_failover_worker.py``), each running its nodes in one asyncio loop without their HTTP
+processes (``simulations/fleet.py``), each running its nodes in one asyncio loop without their HTTP
 servers. Workers report every breaker transition (its exact ``changed_at``) and every change of
 ``controller.active`` (polled every 20 ms) as JSON lines on a pipe; ``time.monotonic`` is one clock for
 every process of the machine.
@@ -43,7 +43,6 @@ are removed on exit, also on Ctrl-C or SIGTERM (children also get SIGTERM if thi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -63,28 +62,25 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._failover_procs import (
-    PYTHON,
+from failover.breaker import BreakerSettings
+from node.config import CityTarget, FailoverSection, NationalTarget, ReplicationSection
+from node.registry import units
+from simulations.fleet import (
     ROOT,
     Proxy,
     StandIn,
+    WorkerProc,
     http,
     loadavg,
     machine_busy_s,
     proc_cpu_s,
     pss_kb,
-    spawn,
     status_kb,
-    stop,
     stop_all,
     tail,
     tree,
 )
-from failover.breaker import BreakerSettings
-from node.config import CityTarget, FailoverSection, NationalTarget, ReplicationSection
-from node.registry import units
 
-WORKER = ROOT / "bench" / "_failover_worker.py"
 POLL_S = 0.02
 STATUS_S = 0.5
 
@@ -250,51 +246,6 @@ class Fleet:
     def lag_ms(self, t0: float, t1: float) -> dict[str, Any]:
         with self.lock:
             return dist([x for t, x in self.lags if t0 <= t <= t1], 1)
-
-
-class WorkerProc:
-    def __init__(self, index: int, spec_path: Path, log_path: Path, fleet: Fleet) -> None:
-        self.index = index
-        self.log_path = log_path
-        self.fleet = fleet
-        with log_path.open("w") as err:
-            self.proc = spawn(
-                [str(PYTHON), str(WORKER), "--spec", str(spec_path)],
-                stdout=subprocess.PIPE,
-                stderr=err,
-                stdin=subprocess.PIPE,
-            )
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                msg = json.loads(raw)
-            except ValueError:
-                self.fleet.errors.append(f"worker {self.index}: not JSON: {raw[:200]!r}")
-                continue
-            self.fleet.on_message(self.index, msg)
-
-    def send(self, line: str) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
-            with contextlib.suppress(BrokenPipeError, OSError, ValueError):
-                self.proc.stdin.write((line + "\n").encode())
-                self.proc.stdin.flush()
-
-    def close(self, timeout: float = 20.0) -> None:
-        self.send("stop")
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            stop(self.proc, timeout=5.0)
-        stop(self.proc)
-        self.thread.join(2.0)
 
 
 # -- faults --------------------------------------------------------------------------------------------
@@ -508,7 +459,9 @@ class Bench:
             }
             path = self.work / f"worker-{w}.json"
             path.write_text(json.dumps(spec))
-            self.workers.append(WorkerProc(w, path, self.work / f"worker-{w}.log", self.fleet))
+            self.workers.append(
+                WorkerProc(w, path, self.work / f"worker-{w}.log", self.fleet.on_message, self.fleet.errors.append)
+            )
         t0 = time.monotonic()
         ok = self.wait(
             lambda: len(self.fleet.ready) == n_workers or any(w.proc.poll() is not None for w in self.workers),
