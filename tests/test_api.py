@@ -494,7 +494,7 @@ class TestBadInput:
         ("GET", f"{DOSSIERS}/{AGENCY}-250701-0001", 404, "not_found"),
         ("POST", f"{DOSSIERS}/{AGENCY}-250701-0001/fees", 404, "not_found"),
         ("GET", "/api/v2/dossiers", 404, "not_found"),
-        ("GET", "/", 404, "not_found"),
+        ("GET", "/nothing-here", 404, "not_found"),  # "/" is the dashboard
         ("DELETE", DOSSIERS, 405, "method_not_allowed"),
         ("PUT", f"{DOSSIERS}/{AGENCY}-250701-0001", 405, "method_not_allowed"),
         ("POST", "/livez", 405, "method_not_allowed"),
