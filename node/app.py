@@ -25,6 +25,8 @@ from node import api, dashboard, metrics, receipts, tls
 from node.auth import AUTH, Auth, auth_middleware
 from node.clock import Clock
 from node.config import Config
+from node.logs import register_secrets
+from node.secretfile import secret_values
 from node.registry import get_unit
 from node.service import DossierService
 from node.store import Store
@@ -42,6 +44,7 @@ class Node:
 
     def __init__(self, config: Config, *, clock: Clock | None = None, upstreams: list[Upstream] | None = None) -> None:
         self.config = config
+        register_secrets(*secret_values(config))  # the credentials never reach a log, whatever the message
         self.clock = clock or Clock()
         self.store = Store(config.db_path)
         self.auth = Auth(self.store, self.clock)

@@ -32,7 +32,22 @@ REDACTED = "[redacted]"
 _STDLIB_HANDLER = "wardsync"
 
 
+# A secret written as an assignment inside text (an exception message, a query string): keep the name.
+_ASSIGNED = re.compile(r"(?i)\b((?:client_)?secret|passw(?:or)?d|token|session)(\"?\s*[=:]\s*\"?)[^\s\"',;&)}]+")
+# The configured credentials themselves, found wherever they appear (see register_secrets).
+_KNOWN: set[str] = set()
+
+
+def register_secrets(*values: str) -> None:
+    """Redact these exact values (the node's configured credentials) from every log line."""
+    _KNOWN.update(v for v in values if v and len(v) >= 4)
+
+
 def redact_text(text: str) -> str:
+    for known in _KNOWN:
+        if known in text:
+            text = text.replace(known, REDACTED)
+    text = _ASSIGNED.sub(lambda m: f"{m.group(1)}{m.group(2)}{REDACTED}", text)
     return _PHONE.sub(REDACTED, _CITIZEN_ID.sub(REDACTED, _CREDENTIAL.sub(REDACTED, text)))
 
 
@@ -41,9 +56,12 @@ def _redact(value: Any) -> Any:
         return redact_text(value)
     if isinstance(value, dict):
         return {k: REDACTED if _is_secret(k) else _redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [_redact(v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # Exceptions, URLs and other objects are rendered by their text, which may carry anything.
+    return redact_text(str(value))
 
 
 def _is_secret(key: object) -> bool:

@@ -53,3 +53,13 @@ def mode_problem(path: Path, what: str) -> str | None:
     if mode & ~allowed & 0o777:
         return f"{path} holds {what} but its mode {mode:03o} lets other users read or change it; run `chmod 600 {path}`"
     return None
+
+
+def secret_values(config: Any) -> list[str]:
+    """The credentials a configuration holds, whatever their source (file or environment)."""
+    values = [str(getattr(config.node, "peer_token", "") or "")]
+    if config.national is not None:
+        values.append(config.national.password)
+    if config.city is not None:
+        values.append(config.city.client_secret)
+    return [v for v in values if v]
