@@ -19,6 +19,7 @@ from typing import Any, Generic, TypeVar
 import aiosqlite
 import structlog
 
+from node.crypto import Sealer
 from node.migrations import LATEST, MIGRATIONS
 
 log = structlog.get_logger()
@@ -92,8 +93,10 @@ class Store:
     beside the writer and see every committed transaction.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
         self.path = path
+        # The one codec for dossier contents at rest: sealed under a keyring, or clear without one.
+        self.sealer = sealer or Sealer()
         self._conn: sqlite3.Connection | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._reader: aiosqlite.Connection | None = None

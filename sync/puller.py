@@ -90,7 +90,7 @@ class Puller:
     async def _fetch(self, code: str) -> Fetched | None:
         async with self._sem:
             row = await self.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
-            sv = pycrdt.get_state(bytes(row[0])) if row is not None else None
+            sv = pycrdt.get_state(self.store.sealer.state(code, row[0])) if row is not None else None
             return await self.upstream.fetch(code, sv)
 
     async def _merge(self, code: str, fetched: Fetched) -> None:
@@ -113,8 +113,9 @@ class Puller:
     async def _portal_merge(self, code: str, remote: Any) -> Merge:
         row = await self.store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
         base_row = await self.store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
-        state, local = (bytes(row[0]), json.loads(row[1])) if row is not None else (None, None)
-        base = json.loads(base_row[0]) if base_row is not None else None
+        sealer = self.store.sealer
+        state, local = (sealer.state(code, row[0]), json.loads(sealer.record(code, row[1]))) if row else (None, None)
+        base = json.loads(sealer.base(code, base_row[0])) if base_row is not None else None
         assert self.portal_client_id is not None
         update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id, hlc=self.service.hlc)
         return Merge(code, update or b"", self.target, base=dict(remote))

@@ -123,6 +123,7 @@ class Replicator:
     async def _outgoing(self, codes: Sequence[str]) -> list[Outgoing]:
         """The dossiers whose current digest the target has not acknowledged (and not given up on)."""
         out: list[Outgoing] = []
+        settled: list[tuple[str, str]] = []
         for i in range(0, len(codes), _SQL_CHUNK):
             chunk = list(codes[i : i + _SQL_CHUNK])
             marks = ",".join("?" for _ in chunk)
@@ -134,13 +135,37 @@ class Replicator:
             )
             for code, state, record, digest, rstate, rdigest, acked, ack in rows:
                 if acked == digest:
+                    if rstate not in (None, "synced"):
+                        # The dossier came back to content the target already acknowledged (an edit undoing a
+                        # refused change): nothing to send, and the row must not stay pending or dead.
+                        settled.append((code, digest))
                     continue
                 if rstate in ("dead", "parked") and rdigest == digest:
                     continue  # given up on this exact content; a change or an explicit retry revives it
                 out.append(
-                    Outgoing(code, json.loads(record), digest, bytes(state), None if ack is None else bytes(ack))
+                    Outgoing(
+                        code,
+                        json.loads(self.store.sealer.record(code, record)),
+                        digest,
+                        self.store.sealer.state(code, state),
+                        None if ack is None else bytes(ack),
+                    )
                 )
+        if settled:
+            await self._settle(settled)
         return out
+
+    async def _settle(self, settled: list[tuple[str, str]]) -> None:
+        at, target = iso(self.clock.now()), self.target
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE replication SET state = 'synced', digest = acked_digest, attempts = 0, last_error = NULL,"
+                " next_at = 0, updated_at = ? WHERE target = ? AND code = ? AND acked_digest = ?",
+                [(at, target, code, digest) for code, digest in settled],
+            )
+
+        await self.store.write(write)
 
     async def _push(self, chunk: list[Outgoing], *, lag_records: int = 0, lag_s: float = 0.0) -> list[PushResult]:
         """One push call (retried); logs the one canonical line of the batch, whatever its outcome."""
@@ -234,7 +259,7 @@ class Replicator:
         target = self.target
         bases = (
             [
-                (r.code, json.dumps(by_code[r.code].record, ensure_ascii=False))
+                (r.code, self.store.sealer.seal_base(r.code, json.dumps(by_code[r.code].record, ensure_ascii=False)))
                 for r in results
                 if r.outcome is Outcome.ACKED and r.code in by_code
             ]

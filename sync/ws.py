@@ -416,7 +416,7 @@ class SyncHub:
 
     async def load(self, code: str) -> tuple[bytes, int] | None:
         row = await self.store.fetchone("SELECT state, change_seq FROM dossiers WHERE code = ?", (code,))
-        return (bytes(row[0]), int(row[1])) if row is not None else None
+        return (self.store.sealer.state(code, row[0]), int(row[1])) if row is not None else None
 
     # -- one client's messages ----------------------------------------------------------------------
     async def handle(self, room: _Room, conn: _Conn, data: bytes) -> None:
