@@ -104,3 +104,7 @@ def add_fee(doc: Doc[Any], fee: Mapping[str, Any]) -> str:
 
 def get_fee(doc: Doc[Any], key: str) -> Any:
     return doc.get(FEES, type=Map).get(key)
+
+
+def get_document(doc: Doc[Any], key: str) -> Any:
+    return doc.get(DOCUMENTS, type=Map).get(key)

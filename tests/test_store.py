@@ -80,6 +80,12 @@ SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
         ("pull_cursors", {"target": "city", "seq": 3}),
         ("portal_base", {"code": _DOSSIER_ROW["code"], "record": "{}"}),
     ],
+    6: [
+        (
+            "tokens",
+            {"id": 1, "name": "desk-1", "roles": "clerk", "hash": "3" * 64, "created_at": "2025-07-01T01:00:00.000Z"},
+        ),
+    ],
     7: [
         (
             "audit_log",
@@ -94,6 +100,30 @@ SAMPLE_ROWS: dict[int, list[tuple[str, dict[str, Any]]]] = {
                 "hash": "2" * 64,
             },
         ),
+    ],
+    8: [
+        (
+            "document_fetches",
+            {
+                "sha256": "4" * 64,
+                "code": _DOSSIER_ROW["code"],
+                "url": "http://127.0.0.1:1/api/v1/dossiers/x/documents/" + "4" * 64,
+                "size": 10,
+                "created_at": "2025-07-01T01:00:00.000Z",
+            },
+        ),
+    ],
+    9: [
+        (
+            "search_index",
+            {
+                "code": _DOSSIER_ROW["code"],
+                "id_number": "079190001234",
+                "procedure": "1.001193",
+                "received": "20250701080000",
+            },
+        ),
+        ("search_terms", {"term": "nguyen", "code": _DOSSIER_ROW["code"]}),
     ],
 }
 
@@ -242,6 +272,7 @@ class TestDiskFull:
                     assert resp.status == 200
                     got = await resp.json()
                 got.pop("replication", None)
+                got.pop("TinhTrangHan", None), got.pop("NgayHenTraHieuLuc", None)  # computed on reading
                 assert got == reply
             assert await node.store.integrity_check() == "ok"
 

@@ -102,6 +102,7 @@ async def api_record(running: Running, code: str) -> dict[str, Any]:
         assert resp.status == 200, await resp.text()
         body: dict[str, Any] = await resp.json()
     body.pop("replication")
+    body.pop("TinhTrangHan"), body.pop("NgayHenTraHieuLuc")  # the deadline standing, computed on reading
     return body
 
 

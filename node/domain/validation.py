@@ -275,6 +275,13 @@ DOCUMENT_FIELDS: frozenset[str] = _DOCUMENT_SCHEMA.names
 DOCUMENT_REQUIRED: frozenset[str] = _DOCUMENT_SCHEMA.required
 
 
+def validate_document(body: object) -> tuple[Record, Errors]:
+    """Validate one submitted document (TaiLieuNop item); DuocSoHoa defaults to 0."""
+    errors: Errors = {}
+    clean = _check_object(body, _DOCUMENT_SCHEMA, "", errors)
+    return _finish(clean, errors)
+
+
 # --- processing steps -----------------------------------------------------------------------
 
 _STEP_SCHEMA = _Schema(
@@ -400,4 +407,53 @@ def validate_intake(body: object, *, own_unit: str) -> tuple[Record, Errors]:
                 errors["SoGiayToChuHoSo"] = _ID_MESSAGE_CITIZEN
         elif _OTHER_ID_RE.fullmatch(id_number) is None:
             errors["SoGiayToChuHoSo"] = _ID_MESSAGE_OTHER
+    return _finish(clean, errors)
+
+
+# --- edits of an accepted dossier ------------------------------------------------------------
+
+# What a clerk may correct after intake: the applicant's identity and contact, the summary, how the result
+# is returned. Never the code, dates, units, procedure, channel or status (set by the node, derived from
+# steps, or facts of the intake itself), nor documents and fees (append-only, with their own routes).
+EDITABLE_FIELDS: frozenset[str] = frozenset(
+    {"ChuHoSo", "SoGiayToChuHoSo", "LoaiDoiTuong", "Email", "SoDienThoai", "ThongTinKhac", "TrichYeuHoSo", "HinhThuc"}
+)
+
+
+def validate_edit(body: object, *, current: Mapping[str, Any]) -> tuple[Record, Errors]:
+    """Validate a partial change of ``current``'s editable fields, each as intake checks it.
+
+    ``null`` is refused: a field is never removed from a dossier (a removal cannot travel to the portal).
+    The ID number is checked against the applicant kind the dossier ends up with.
+    """
+    errors: Errors = {}
+    if not isinstance(body, dict):
+        return {}, {"$": "must be a JSON object"}
+    if not body:
+        return {}, {"$": f"send at least one of {', '.join(sorted(EDITABLE_FIELDS))}"}
+    clean: Record = {}
+    for key, raw in body.items():
+        if not isinstance(key, str):
+            errors["<non-string key>"] = "field names must be strings"
+            continue
+        path = key or '""'
+        if key not in EDITABLE_FIELDS:
+            known = INTAKE_FIELDS | NODE_FIELDS
+            errors[path] = "cannot be edited" if key in known else _unknown_message(key, EDITABLE_FIELDS)
+            continue
+        value = _prepare(raw)
+        if _is_missing(value):
+            errors[path] = "must have a value; a field cannot be removed from a dossier"
+            continue
+        checked = _INTAKE_SCHEMA.fields[key].check(value, path, errors)
+        if checked is not _INVALID:
+            clean[key] = checked
+    if not errors and ("SoGiayToChuHoSo" in clean or "LoaiDoiTuong" in clean):
+        id_number = clean.get("SoGiayToChuHoSo", current.get("SoGiayToChuHoSo"))
+        kind = clean.get("LoaiDoiTuong", current.get("LoaiDoiTuong"))
+        if isinstance(id_number, str):
+            if kind == 1 and _CITIZEN_ID_RE.fullmatch(id_number) is None:
+                errors["SoGiayToChuHoSo"] = _ID_MESSAGE_CITIZEN
+            elif kind != 1 and _OTHER_ID_RE.fullmatch(id_number) is None:
+                errors["SoGiayToChuHoSo"] = _ID_MESSAGE_OTHER
     return _finish(clean, errors)

@@ -1,0 +1,1 @@
+"""What the one-stop desk needs beyond intake: edits with If-Match, due dates, search."""

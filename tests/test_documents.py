@@ -1,0 +1,328 @@
+"""Submitted documents: streamed uploads stored by sha256, served with ranges, fetched by the competent unit.
+
+Real nodes on loopback, real stand-ins, and the chaos proxy cutting the competent unit's link to the
+receiving unit's node part-way through every transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from node.app import Node
+from node.config import load_config
+from node.documents import CHUNK_BYTES
+from node.fetcher import FetchSettings
+from node.service import Merge
+from simulations.chaos_proxy import ChaosProxy, ModeError, parse_mode
+from tests.conftest import make_config, running_node, valid_intake
+from tests.test_failover import FAST
+from tests.upstreams import Upstreams, running_upstreams, target_overrides
+
+A_UNIT, A_AGENCY = "26743", "000.00.17.H29"  # Phường Bến Thành receives
+B_UNIT, B_AGENCY = "26740", "000.00.18.H29"  # Phường Sài Gòn is competent
+Running = tuple[Node, str, aiohttp.ClientSession]
+
+
+async def create(n: Running, **fields: Any) -> str:
+    _, url, s = n
+    async with s.post(f"{url}/api/v1/dossiers", json=valid_intake(**fields)) as r:
+        assert r.status == 201, await r.text()
+        return str((await r.json())["MaHoSo"])
+
+
+async def upload(
+    n: Running, code: str, data: bytes | Path, *, filename: str = "to-khai.pdf", **fields: str
+) -> tuple[int, dict[str, Any], Any]:
+    _, url, s = n
+    form = aiohttp.FormData()
+    for k, v in fields.items():
+        form.add_field(k, v)
+    with contextlib.ExitStack() as stack:
+        payload: Any = stack.enter_context(data.open("rb")) if isinstance(data, Path) else data
+        form.add_field("file", payload, filename=filename, content_type="application/pdf")
+        async with s.post(f"{url}/api/v1/dossiers/{code}/documents", data=form) as r:
+            return r.status, dict(await r.json()), r.headers
+
+
+def on_disk(node: Node, sha: str) -> Path:
+    return node.config.data_path / "documents" / sha[:2] / sha
+
+
+def sha_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_random(path: Path, size: int) -> str:
+    """A file of random bytes written in chunks (never whole in memory); returns its sha256."""
+    h = hashlib.sha256()
+    with path.open("wb") as f:
+        left = size
+        while left:
+            block = os.urandom(min(left, 1 << 20))
+            f.write(block)
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], within_s: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.1)
+
+
+class TestUpload:
+    """The desk uploads a file: stored under its hash, recorded in TaiLieuNop, served back with ranges."""
+
+    async def test_upload_records_and_serves_the_file(self, tmp_path: Path) -> None:
+        data = os.urandom(300_000)
+        sha = hashlib.sha256(data).hexdigest()
+        async with running_node(make_config(tmp_path, public_url="http://desk.example:8080/")) as n:
+            node, url, s = n
+            code = await create(n)
+            status, body, headers = await upload(
+                n, code, data, TenTepDinhKem="Tờ khai đăng ký khai sinh", MaThanhPhanHoSo="TK01", DuocSoHoa="1"
+            )
+            assert status == 201, body
+            link = f"http://desk.example:8080/api/v1/dossiers/{code}/documents/{sha}"
+            assert body["TaiLieuNop"] == [
+                {
+                    "TepDinhKemId": sha,
+                    "TenTepDinhKem": "Tờ khai đăng ký khai sinh",
+                    "MaThanhPhanHoSo": "TK01",
+                    "DuocSoHoa": 1,
+                    "Sha256": sha,
+                    "KichThuoc": len(data),
+                    "DuongDanTaiTepTin": link,
+                }
+            ]
+            assert headers["Location"] == link
+            assert on_disk(node, sha).read_bytes() == data
+            async with s.get(f"{url}/api/v1/dossiers/{code}/documents/{sha}") as r:
+                assert r.status == 200 and await r.read() == data
+                assert r.headers["Content-Type"] == "application/octet-stream"  # no extension in the name
+            async with s.get(f"{url}/api/v1/dossiers/{code}/documents/{sha}", headers={"Range": "bytes=1000-"}) as r:
+                assert r.status == 206 and await r.read() == data[1000:]
+            async with s.get(f"{url}/api/v1/dossiers/{code}/documents") as r:
+                assert [d["stored"] for d in (await r.json())["items"]] == [True]
+            async with s.get(f"{url}/api/v1/dossiers/{code}") as r:
+                assert (await r.json())["TaiLieuNop"][0]["Sha256"] == sha
+
+    async def test_the_same_file_again_changes_nothing_and_other_metadata_is_refused(self, tmp_path: Path) -> None:
+        async with running_node(make_config(tmp_path)) as n:
+            node, _, _ = n
+            code = await create(n)
+            assert (await upload(n, code, b"%PDF-1.4 giay to"))[0] == 201
+            head = node.service.journal_head
+            status, body, _ = await upload(n, code, b"%PDF-1.4 giay to")
+            assert status == 200 and len(body["TaiLieuNop"]) == 1
+            assert node.service.journal_head == head
+            status, body, _ = await upload(n, code, b"%PDF-1.4 giay to", filename="khac.pdf")
+            assert status == 409 and body["error"]["code"] == "document_exists"
+
+    async def test_the_json_body_limit_does_not_apply_and_the_document_limit_does(self, tmp_path: Path) -> None:
+        config = make_config(tmp_path, max_body_bytes=1024, max_document_bytes=64 * 1024)
+        async with running_node(config) as n:
+            node, _, _ = n
+            code = await create(n)
+            status, body, _ = await upload(n, code, os.urandom(60 * 1024))
+            assert status == 201, body
+            head = node.service.journal_head
+            status, body, _ = await upload(n, code, os.urandom(65 * 1024))
+            assert status == 413 and body["error"]["code"] == "body_too_large"
+            assert node.service.journal_head == head
+            stored = [p for p in (node.config.data_path / "documents").rglob("*") if p.is_file()]
+            assert len(stored) == 1  # the refused upload left no file behind, not even a partial one
+
+    async def test_refusals(self, tmp_path: Path) -> None:
+        async with running_node(make_config(tmp_path)) as n:
+            node, url, s = n
+            code = await create(n)
+            assert (await upload(n, "000.00.17.H29-200101-9999", b"x"))[0] == 404
+            async with s.post(f"{url}/api/v1/dossiers/{code}/documents", json={"file": "x"}) as r:
+                assert r.status == 415
+            form = aiohttp.FormData(default_to_multipart=True)
+            form.add_field("TenTepDinhKem", "a.pdf")
+            async with s.post(f"{url}/api/v1/dossiers/{code}/documents", data=form) as r:
+                assert r.status == 422 and "file" in (await r.json())["error"]["fields"]
+            status, body, _ = await upload(n, code, b"x", DuocSoHoa="2")
+            assert status == 422 and "DuocSoHoa" in body["error"]["fields"]
+            status, body, _ = await upload(n, code, b"x", Sha256="00")
+            assert status == 422 and "Sha256" in body["error"]["fields"]
+            other = hashlib.sha256(b"not listed").hexdigest()
+            async with s.get(f"{url}/api/v1/dossiers/{code}/documents/{other}") as r:
+                assert r.status == 404
+            assert not list((node.config.data_path / "documents").rglob("*.tmp"))
+
+
+class TestFetch:
+    """A node that lacks a listed file fetches it, resumes a partial one with Range and checks the hash."""
+
+    async def test_a_partial_file_resumes_and_a_corrupt_source_is_never_installed(self, tmp_path: Path) -> None:
+        data = os.urandom(500_000)
+        sha = hashlib.sha256(data).hexdigest()
+        async with running_node(make_config(tmp_path / "a", public_url="")) as a:
+            a_node, _, _ = a
+            code = await create(a, MaDonViXuLy=B_UNIT)
+            assert (await upload(a, code, data))[0] == 201
+            token = await a_node.auth.create_token(["peer"], name="b")
+            row = await a_node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            b_config = load_config(env={}, overrides={"node": {
+                "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
+                "data_dir": str(tmp_path / "b"), "peer_token": token}})
+            async with running_node(b_config) as b:
+                b_node = b[0]
+                b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
+                # A failed file is due again at once.
+                b_node.fetcher.settings = FetchSettings(attempts=2, wait_initial_s=0.01, retry_base_s=0, retry_cap_s=0)
+                # The source's copy is damaged (same size): the fetched bytes never reach the blob store.
+                source = on_disk(a_node, sha)
+                source.write_bytes(b"\0" * len(data))
+                # As the dossier would arrive from an upstream.
+                await b_node.service.merge(Merge(code, bytes(row[0]), origin="city"))
+                await b_node.fetcher.run_once()
+                assert not on_disk(b_node, sha).exists()
+                pending = await b_node.fetcher.pending()
+                assert [p["sha256"] for p in pending] == [sha] and "sha256" in pending[0]["last_error"]
+                # A partial file is resumed where it stopped: only the rest crosses the link.
+                source.write_bytes(data)
+                partial = b_node.config.data_path / "documents" / ".partial" / f"{sha}.part"
+                partial.write_bytes(data[:200_000])
+                before = dict(b_node.fetcher.stats)
+                await b_node.fetcher.run_once()
+                assert sha_of(on_disk(b_node, sha)) == sha
+                assert b_node.fetcher.stats["resumed"] == before["resumed"] + 1
+                assert b_node.fetcher.stats["bytes"] - before["bytes"] == len(data) - 200_000
+                assert await b_node.fetcher.pending() == [] and not partial.exists()
+
+    async def test_without_a_peer_token_the_fetch_is_refused_and_retried_later(self, tmp_path: Path) -> None:
+        async with running_node(make_config(tmp_path / "a")) as a:
+            a_node = a[0]
+            code = await create(a, MaDonViXuLy=B_UNIT)
+            status, body, _ = await upload(a, code, b"%PDF-1.4 ho so")
+            assert status == 201
+            sha = body["TaiLieuNop"][0]["Sha256"]
+            row = await a_node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            b_config = load_config(env={}, overrides={"node": {
+                "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "b")}})
+            async with running_node(b_config) as b:
+                b_node = b[0]
+                b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
+                await b_node.service.merge(Merge(code, bytes(row[0]), origin="city"))
+                await b_node.fetcher.run_once()
+                pending = await b_node.fetcher.pending()
+                assert not on_disk(b_node, sha).exists()
+                assert pending[0]["attempts"] == 1 and "401" in pending[0]["last_error"]
+                assert pending[0]["next_at"] > b_node.clock.ms()
+
+
+def _two_unit_config(tmp_path: Path, ups: Upstreams, unit: str, agency: str, **node: Any) -> Any:
+    overrides = target_overrides(ups, timeout_s=1.0)
+    overrides["targets.national"] = {**overrides["targets.national"], "dstcode": agency, "madonvi": agency}
+    return load_config(env={}, overrides={
+        "node": {"unit": unit, "agency_code": agency, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / unit),
+                 **node},
+        **overrides,
+        "failover": {**FAST, "hold_s": 1.0},
+    })
+
+
+@contextlib.asynccontextmanager
+async def proxied(a_config_of: Callable[[str], Any]) -> AsyncIterator[tuple[ChaosProxy, Running]]:
+    """Node A behind a chaos proxy whose URL is A's public URL (A's port is known only once it listens)."""
+    async with ChaosProxy("127.0.0.1", 9) as proxy, running_node(a_config_of(proxy.url)) as a:
+        proxy.upstream_port = int(a[1].rsplit(":", 1)[1])
+        yield proxy, a
+
+
+class TestBoundaryFreeDocuments:
+    """A large file uploaded at A reaches B, the competent unit, across a link that keeps breaking."""
+
+    async def test_large_upload_streamed_and_fetched_across_a_failing_link(self, tmp_path: Path) -> None:
+        size = 8 * 1024 * 1024
+        source = tmp_path / "giay-to.pdf"
+        sha = write_random(source, size)
+        async with running_upstreams(tmp_path) as ups, proxied(
+            lambda public: _two_unit_config(tmp_path, ups, A_UNIT, A_AGENCY, public_url=public)
+        ) as (proxy, a):
+            a_node = a[0]
+            token = await a_node.auth.create_token(["peer"], name=f"unit {B_UNIT}")
+            b_config = _two_unit_config(tmp_path, ups, B_UNIT, B_AGENCY, peer_token=token)
+            async with running_node(b_config) as b:
+                b_node = b[0]
+                code = await create(a, MaDonViXuLy=B_UNIT)
+                # Every connection through the link breaks after 1 MiB towards B.
+                await proxy.set_mode("cut", after_bytes=1024 * 1024)
+                tracemalloc.start()
+                try:
+                    status, body, _ = await upload(a, code, source, TenTepDinhKem="Giấy chứng sinh")
+                    assert status == 201, body
+                    assert sha_of(on_disk(a_node, sha)) == sha
+
+                    async def b_holds_it() -> bool:
+                        return on_disk(b_node, sha).is_file()
+
+                    await eventually(b_holds_it, within_s=60, what="B fetches the file from A")
+                    _, peak = tracemalloc.get_traced_memory()
+                finally:
+                    tracemalloc.stop()
+                assert sha_of(on_disk(b_node, sha)) == sha
+                stats = b_node.fetcher.stats
+                assert proxy.counters.reset >= 4  # the link broke again and again
+                assert stats["resumed"] >= 4  # and each time the fetch went on from where it stopped
+                assert stats["bytes"] == size  # nothing fetched twice
+                assert stats["largest_read"] <= CHUNK_BYTES
+                # Neither the upload nor the fetch held the file in memory (both ran in this process).
+                assert peak < size // 2, f"peak traced memory {peak} bytes for a {size}-byte file"
+
+                # B serves the file it fetched, and every replica holds the same record.
+                async with b[2].get(f"{b[1]}/api/v1/dossiers/{code}/documents/{sha}",
+                                    headers={"Range": f"bytes={size - 10}-"}) as r:
+                    assert r.status == 206 and len(await r.read()) == 10
+
+                async def converged() -> bool:
+                    digests = []
+                    for _, url, s in (a, b):
+                        async with s.get(f"{url}/api/v1/dossiers/{code}") as r:
+                            digests.append((await r.json())["digest"] if r.status == 200 else None)
+                    for target in ("national", "city"):
+                        digests.append((await ups.dossiers(target, A_UNIT)).get(code))
+                    return None not in digests and len(set(digests)) == 1
+
+                await eventually(converged, what="A, B and both upstreams hold the same record")
+                async with ups.http.get(f"{ups.national_url}/__inspect/dossiers", params={"unit": A_UNIT}) as r:
+                    assert r.status == 200
+                row = await b_node.store.fetchone("SELECT record FROM dossiers WHERE code = ?", (code,))
+                (doc,) = json.loads(row[0])["TaiLieuNop"]
+                assert doc["Sha256"] == sha and doc["KichThuoc"] == size
+                assert doc["DuongDanTaiTepTin"].startswith(proxy.url)
+
+
+class TestCutMode:
+    """The chaos proxy's cut mode: each connection is reset after a number of bytes towards the client."""
+
+    def test_cut_needs_a_positive_byte_count(self) -> None:
+        assert parse_mode({"mode": "cut", "after_bytes": 10}, 0.0).name == "cut"
+        for spec in ({"mode": "cut"}, {"mode": "cut", "after_bytes": 0}, {"mode": "cut", "ms": 1}):
+            with pytest.raises(ModeError):
+                parse_mode(spec, 0.0)
