@@ -86,6 +86,12 @@ class CityAdapter:
         self._token_lock = asyncio.Lock()
         self._closed = False
 
+    def reconfigure(self, *, url: str, client_id: str, client_secret: str) -> None:
+        """New address or credentials (a reload): calls in flight finish, the next call gets a new token."""
+        self.url = url.rstrip("/")
+        self._client_id, self._client_secret = client_id, client_secret
+        self._token = None
+
     # -- Upstream ----------------------------------------------------------------------------------
 
     async def push(self, batch: Sequence[Outgoing]) -> list[PushResult]:

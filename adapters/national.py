@@ -70,6 +70,13 @@ def _chunks(items: Sequence[T], size: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def ack_for(record: Mapping[str, Any]) -> bytes:
+    """The ack this adapter keeps for a dossier the portal holds as ``record`` (a ``TraCuuHoSo`` answer)."""
+    part = {k: v for k, v in record.items() if k != "QuaTrinhXuLy"}
+    keys = sorted({step_key_of(s) for s in record.get("QuaTrinhXuLy") or [] if isinstance(s, dict)})
+    return json.dumps({"r": digest(part), "s": keys}, separators=(",", ":")).encode()
+
+
 def _decode_ack(ack: bytes | None) -> tuple[str | None, set[str]]:
     if not ack:
         return None, set()
@@ -186,6 +193,13 @@ class NationalAdapter:
         self._login_lock = asyncio.Lock()
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._closed = False
+
+    def reconfigure(self, *, url: str, username: str, password: str, dstcode: str, madonvi: str) -> None:
+        """New address or credentials (a reload): calls in flight finish, the next call logs in with these."""
+        self._url = url.rstrip("/")
+        self._username, self._password = username, password
+        self._dstcode, self._madonvi = dstcode, madonvi
+        self._token = None
 
     # -- transport
 

@@ -16,6 +16,8 @@ network delivers them. One mode is in force at a time, set with :meth:`ChaosProx
 - ``{"mode": "reset"}``: any connection, live or new, is reset (RST) as soon as a byte flows.
 - ``{"mode": "blackhole"}``: connections are accepted, bytes are read and dropped, nothing comes back.
 - ``{"mode": "half_close"}``: the request is forwarded, then the client gets EOF instead of the response.
+- ``{"mode": "cut", "after_bytes": N}``: each connection is reset once N bytes have gone to the client, so a
+  long download breaks part-way, again on every new connection.
 - ``{"mode": "flap", "period_s": 1, "down_mode": "refuse"}``: down (``refuse`` or ``blackhole``) for a
   period, up for a period, and so on, starting down.
 
@@ -40,7 +42,7 @@ from aiohttp import web
 
 from simulations.serving import running
 
-MODES = ("pass", "latency", "bandwidth", "refuse", "reset", "blackhole", "half_close", "flap")
+MODES = ("pass", "latency", "bandwidth", "refuse", "reset", "blackhole", "half_close", "flap", "cut")
 DOWN_MODES = ("refuse", "blackhole")
 _SHAPED = ("pass", "latency", "bandwidth")
 _SHAPING = frozenset({"ms", "jitter_ms", "bytes_per_s"})
@@ -48,6 +50,7 @@ _PARAMS: dict[str, frozenset[str]] = {
     **dict.fromkeys(_SHAPED, _SHAPING),
     **dict.fromkeys(("refuse", "reset", "blackhole", "half_close"), frozenset()),
     "flap": frozenset({"period_s", "down_mode"}),
+    "cut": frozenset({"after_bytes"}),
 }
 DEFAULT_LATENCY_MS = 100.0  # the same default as the stand-ins' HTTP latency fault
 DEFAULT_PERIOD_S = 1.0
@@ -144,6 +147,8 @@ def parse_mode(spec: Any, now: float) -> Mode:
             raise ModeError(f"{key} must be positive")
     if name == "bandwidth" and "bytes_per_s" not in params:
         raise ModeError("bandwidth needs bytes_per_s")
+    if name == "cut" and not params.get("after_bytes"):
+        raise ModeError("cut needs after_bytes, a positive number")
     if name == "latency":
         params.setdefault("ms", DEFAULT_LATENCY_MS)
     seconds = spec.get("seconds")
@@ -202,6 +207,7 @@ class _Link:
         self.cut = False
         # Set once the proxy has sent EOF to the client: nothing more may go that way.
         self.client_eof = False
+        self.bytes_down = 0
 
     def writers(self) -> list[asyncio.StreamWriter]:
         return [self.client] if self.upstream is None else [self.client, self.upstream]
@@ -464,6 +470,11 @@ class ChaosProxy:
             if phase == "blackhole" or link.cut or (not up and link.client_eof):
                 self.counters.bytes_dropped += len(data)
                 continue
+            cut_here = False
+            if phase == "cut" and not up:
+                room = max(0, int(self._mode.number("after_bytes", 0)) - link.bytes_down)
+                cut_here = len(data) >= room
+                data = data[:room]
             try:
                 next_free = await self._forward(writer, data, self._mode.shaping(now), next_free)
             except OSError:
@@ -473,6 +484,10 @@ class ChaosProxy:
                 self.counters.bytes_up += len(data)
             else:
                 self.counters.bytes_down += len(data)
+                link.bytes_down += len(data)
+            if cut_here:
+                self._cut(link, "reset")
+                return
             if phase == "half_close" and up:
                 link.client_eof = True
                 with contextlib.suppress(OSError):

@@ -12,7 +12,9 @@ dossier and speaks the protocol the city adapter uses:
 - ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence.
 - ``GET /api/v1/digests?unit=&bucket=&buckets=``: ``{"digests": {code: digest}}`` of the unit's dossiers
   (received or competent) in one anti-entropy bucket (:func:`sync.record.bucket_of`).
-- ``/__faults`` (see :mod:`simulations.faults`) and ``/__inspect/dossiers``, ``/__inspect/stats``.
+- ``/__faults`` (see :mod:`simulations.faults`) and ``/__inspect/dossiers``, ``/__inspect/stats``;
+  ``POST /__credentials`` ``{client_id?, client_secret?}`` rotates the client credentials and revokes
+  every token issued so far.
 
 Like the real platform it does not judge status transitions across calls: a merged history may arrive
 in any order. It only refuses Docs no replica should ever produce.
@@ -563,6 +565,17 @@ class CitySystem:
             [{"code": c, "digest": d, "status": s, "updated_at": u} for c, d, s, u in rows]
         )
 
+    async def rotate_credentials(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        body = body if isinstance(body, dict) else {}
+        self.client_id = str(body.get("client_id", self.client_id))
+        self.client_secret = str(body.get("client_secret", self.client_secret))
+        self._tokens.clear()
+        return web.json_response({"client_id": self.client_id, "tokens": 0})
+
     async def inspect_stats(self, request: web.Request) -> web.Response:
         async with self.reader.execute(
             "SELECT count(*), count(DISTINCT code), coalesce(sum(steps), 0), coalesce(sum(step_duplicates), 0) "
@@ -645,6 +658,7 @@ def build_app(
     app.router.add_get("/api/v1/digests", city.digests)
     app.router.add_get("/__inspect/dossiers", city.inspect_dossiers)
     app.router.add_get("/__inspect/stats", city.inspect_stats)
+    app.router.add_post("/__credentials", city.rotate_credentials)
     faults.add_routes(app)
     return app
 

@@ -13,6 +13,8 @@ A fault is a JSON object with a ``mode`` and its parameters, optionally limited 
 - ``{"mode": "partial", "rate": 0.3}``: that share of the records in a batch fails with a retriable
   per-record error (the stand-in asks :meth:`Faults.partial_failures`).
 - ``{"mode": "flapping", "period_s": 2}``: down for a period, up for a period, and so on.
+- ``{"mode": "clock_skew", "offset_s": -90}``: answers carry a ``Date`` header that far off the true time
+  (negative: behind), as from a server whose clock is wrong.
 
 Several faults can be active at once; each POST adds one (or a list under ``"faults"``). Paths that
 start with ``/__`` (fault and inspection APIs) are never affected.
@@ -25,11 +27,14 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
 
-MODES = ("down", "error_rate", "latency", "blackhole", "throttle", "session_expiry", "partial", "flapping")
+MODES = (
+    "down", "error_rate", "latency", "blackhole", "throttle", "session_expiry", "partial", "flapping", "clock_skew",
+)
 _BLACKHOLE_S = 3600.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,7 +66,9 @@ def parse_fault(spec: Any, now: float) -> Fault:
         raise FaultSpecError(f"mode must be one of {', '.join(MODES)}")
     params = {k: v for k, v in spec.items() if k not in {"mode", "seconds"}}
     for key, value in params.items():
-        if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise FaultSpecError(f"{key} must be a number")
+        if value < 0 and key != "offset_s":  # a clock may be behind as well as ahead
             raise FaultSpecError(f"{key} must be a non-negative number")
     for key in ("rate",):
         if key in params and params[key] > 1:
@@ -147,7 +154,12 @@ class Faults:
         errors = self._get("error_rate")
         if errors is not None and self.rng.random() < errors.number("rate", 0.5):
             return web.json_response({"error_code": "500", "message": "internal error"}, status=500)
-        return await handler(request)
+        response = await handler(request)
+        skew = self._get("clock_skew")
+        if skew is not None:
+            # aiohttp only fills in Date when the handler left it out.
+            response.headers["Date"] = formatdate(time.time() + skew.number("offset_s", 0.0), usegmt=True)
+        return response
 
     async def _post(self, request: web.Request) -> web.Response:
         try:

@@ -11,7 +11,8 @@ The wire protocol follows what open-source clients of the portal show (see DOMAI
 - ``GET /feed?unit=CODE&since=SEQ&limit=N`` → ``{"items": [{"code", "seq"}], "next": SEQ}``. The feed
   needs no session: it carries only codes and sequence numbers, and reading a dossier still takes one.
 - ``/__faults`` (see :mod:`simulations.faults`), ``GET /__inspect/dossiers?unit=CODE`` and
-  ``GET /__inspect/stats`` for drills and tests.
+  ``GET /__inspect/stats`` for drills and tests; ``POST /__credentials`` ``{username?, password?}``
+  rotates the login and ends every open session, as a password change on the portal does.
 
 Records are validated as the portal would, one by one; status transitions are not judged across calls,
 because a merged history may legitimately arrive in another order. Idempotency is by (code, record
@@ -633,6 +634,13 @@ class NationalPortal:
         unit = request.query.get("unit") or None
         return web.json_response(await self._run(self.db.inspect, unit))
 
+    async def rotate_credentials(self, request: web.Request) -> web.Response:
+        body = await _json_body(request) or {}
+        self.username = str(body.get("username", self.username))
+        self.password = str(body.get("password", self.password))
+        self.sessions.clear()
+        return web.json_response({"username": self.username, "sessions": 0})
+
     async def inspect_stats(self, request: web.Request) -> web.Response:
         counts = await self._run(self.db.counts)
         # Reported honestly from the stored rows rather than assumed from the primary keys.
@@ -677,6 +685,7 @@ def build_app(
     app.router.add_get("/feed", portal.feed)
     app.router.add_get("/__inspect/dossiers", portal.inspect_dossiers)
     app.router.add_get("/__inspect/stats", portal.inspect_stats)
+    app.router.add_post("/__credentials", portal.rotate_credentials)
     portal.faults.add_routes(app)
     return app
 

@@ -1,0 +1,398 @@
+"""Getting a store back: catching a restored store up with the upstreams, rebuilding a lost one from them
+(bootstrap), and merging an old store's dossiers into the current one (merge-store).
+
+What the upstreams already hold is recorded in ``replication`` as acknowledged (with the ack each adapter
+keeps: the city's state vector, the portal's record digest and step keys), so nothing they hold is pushed
+again, least of all as a create. Day counters are raised past every code they hold for the unit, so no
+code is minted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import sqlite3
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import pycrdt
+import structlog
+
+from adapters.base import Upstream, UpstreamError
+from node import tls
+from node.clock import iso
+from node.config import Config
+from node.errors import ApiError
+from node.service import Merge
+from sync.merge import portal_update
+
+if TYPE_CHECKING:
+    from node.app import Node
+
+log = structlog.get_logger()
+
+FEED_PAGE = 1000
+CONCURRENCY = 8
+MAX_LISTED_GAPS = 200
+
+
+@dataclass
+class SourceReport:
+    """What one upstream gave back."""
+
+    target: str
+    listed: int = 0  # dossiers its feed lists for the unit
+    fetched: int = 0
+    created: int = 0  # dossiers new to the store
+    updated: int = 0  # dossiers the store held, changed by the merge
+    kept: int = 0  # held already and left alone (a complementary source only fills gaps)
+    refused: int = 0
+    in_sync: int = 0  # recorded as held by this upstream: never pushed to it again
+    to_push: int = 0  # the upstream holds another version: the node pushes its own as an update
+    error: str | None = None
+    codes: list[str] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("codes")
+        return out
+
+
+@contextlib.asynccontextmanager
+async def upstreams_of(config: Config) -> AsyncIterator[list[Upstream]]:
+    """The adapters the configuration names (each with its TLS trust), closed on exit."""
+    from adapters.city import CityAdapter
+    from adapters.national import NationalAdapter
+
+    sessions: list[aiohttp.ClientSession] = []
+
+    def session_for(target: Any) -> aiohttp.ClientSession:
+        s = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client_context(target)))
+        sessions.append(s)
+        return s
+
+    ups: list[Upstream] = []
+    if (n := config.national) is not None:
+        ups.append(
+            NationalAdapter(
+                n.url, username=n.username, password=n.password, dstcode=n.dstcode, madonvi=n.madonvi,
+                session=session_for(n), timeout_s=n.timeout_s,
+            )
+        )
+    if (c := config.city) is not None:
+        ups.append(
+            CityAdapter(
+                c.url, client_id=c.client_id, client_secret=c.client_secret, session=session_for(c),
+                timeout_s=c.timeout_s,
+            )
+        )
+    try:
+        yield ups
+    finally:
+        for up in ups:
+            with contextlib.suppress(Exception):
+                await up.close()
+        for s in sessions:
+            await s.close()
+
+
+@contextlib.asynccontextmanager
+async def offline_node(config: Config) -> AsyncIterator[Node]:
+    """The node's store and dossier service with no loops running: nothing pushes or pulls on its own."""
+    from node.app import Node
+
+    async with Node(config, upstreams=[]) as node:
+        yield node
+
+
+async def _feed(upstream: Upstream, unit: str) -> tuple[list[tuple[str, int]], int]:
+    """Every (code, seq) the upstream's feed lists for ``unit``, and the feed's last position."""
+    items: list[tuple[str, int]] = []
+    since = 0
+    while True:
+        page = await upstream.feed(unit, since, FEED_PAGE)
+        items += [(i.code, i.seq) for i in page.items]
+        if len(page.items) < FEED_PAGE or page.next <= since:
+            return items, max(since, page.next)
+        since = page.next
+
+
+async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> SourceReport:
+    """Fetch the unit's dossiers from ``upstream`` and merge them; record what it holds as acknowledged.
+
+    ``mode`` "merge" merges every dossier the feed lists after ``since`` (the store's pull cursor for a
+    restore, 0 for a rebuild); "fill" only adds dossiers the store lacks and otherwise just records what
+    the upstream holds. Raises :class:`UpstreamError` when the upstream cannot be read.
+    """
+    store, service, unit = node.store, node.service, node.config.node.unit
+    report = SourceReport(upstream.name)
+    listed, head = await _feed(upstream, unit)
+    report.listed = len({c for c, _ in listed})
+    report.codes = list(dict.fromkeys(c for c, _ in listed))
+    wanted = list(dict.fromkeys(c for c, s in listed if s > since))
+    portal_cid = await service.client_id_for("national") if upstream.name == "national" else None
+    remote: dict[str, tuple[str, bytes | None]] = {}
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(code: str) -> None:
+        async with gate:
+            row = await store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
+            state = store.sealer.state(code, row[0]) if row is not None else None
+            sv = pycrdt.get_state(state) if state is not None and upstream.name == "city" else None
+            fetched = await upstream.fetch(code, sv)
+        if fetched is None:
+            return
+        report.fetched += 1
+        if fetched.record is not None:
+            from adapters.national import ack_for
+
+            remote[code] = (fetched.digest, ack_for(fetched.record))
+        else:
+            remote[code] = (fetched.digest, fetched.state_vector)
+        if row is not None and mode == "fill":
+            report.kept += 1
+            if fetched.record is not None:  # what the portal holds is the base of later three-way merges
+                await service.merge(Merge(code, b"", upstream.name, base=dict(fetched.record)))
+            return
+        if fetched.update is not None:
+            op = Merge(code, fetched.update, upstream.name)
+        elif fetched.record is not None:
+            local = json.loads(store.sealer.record(code, row[1])) if row is not None else None
+            base_row = await store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
+            base = json.loads(store.sealer.base(code, base_row[0])) if base_row is not None else None
+            assert portal_cid is not None
+            update = portal_update(
+                code, state, local, base, fetched.record, client_id=portal_cid, hlc=service.hlc
+            )
+            op = Merge(code, update or b"", upstream.name, base=dict(fetched.record))
+        else:
+            return
+        try:
+            result = await service.merge(op)
+        except ApiError as exc:
+            report.refused += 1
+            log.error("recover_refused", target=upstream.name, code=code, reason=exc.message)
+            return
+        if row is None:
+            report.created += 1
+        elif result.status == 201 and op.update:
+            report.updated += 1
+
+    async with asyncio.TaskGroup() as tg:
+        for code in wanted:
+            tg.create_task(one(code))
+    # The feed is read up to here: the node's puller goes on from this position.
+    await service.merge(Merge("", b"", upstream.name, cursor=(upstream.name, head)))
+    report.in_sync, report.to_push = await record_held(node, upstream.name, remote)
+    return report
+
+
+async def record_held(node: Node, target: str, remote: dict[str, tuple[str, bytes | None]]) -> tuple[int, int]:
+    """Write what ``target`` holds into ``replication``: acknowledged where its digest is ours, else pending.
+
+    A pending row keeps the upstream's own ack, so the push that follows is an update (the portal) or the
+    missing diff (the city), not a create.
+    """
+    if not remote:
+        return 0, 0
+    codes = list(remote)
+    local: dict[str, str] = {}
+    for i in range(0, len(codes), 500):
+        chunk = codes[i : i + 500]
+        marks = ",".join("?" for _ in chunk)
+        for code, digest in await node.store.fetchall(
+            f"SELECT code, digest FROM dossiers WHERE code IN ({marks})", chunk
+        ):
+            local[str(code)] = str(digest)
+    at = iso(node.clock.now())
+    rows: list[tuple[Any, ...]] = []
+    held = 0
+    for code, (digest, ack) in remote.items():
+        mine = local.get(code)
+        if mine is None:
+            continue
+        same = mine == digest
+        held += same
+        rows.append(
+            (target, code, "synced" if same else "pending", mine, mine if same else None, ack, 0, None, 0, at)
+        )
+
+    def write(conn: sqlite3.Connection) -> None:
+        conn.executemany(
+            "INSERT INTO replication (target, code, state, digest, acked_digest, ack, attempts, last_error,"
+            " next_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (target, code) DO UPDATE SET state = excluded.state, digest = excluded.digest,"
+            " acked_digest = excluded.acked_digest, ack = excluded.ack, attempts = 0, last_error = NULL,"
+            " next_at = 0, updated_at = excluded.updated_at",
+            rows,
+        )
+
+    await node.store.write(write)
+    return held, len(rows) - held
+
+
+def sequence_gaps(codes: Iterable[str], agency: str) -> tuple[list[str], str | None]:
+    """Codes of ``agency`` missing inside each day's sequence, and the highest code seen."""
+    prefix = f"{agency}-"
+    days: dict[str, set[int]] = {}
+    for code in codes:
+        if not code.startswith(prefix):
+            continue
+        day, _, seq = code[len(prefix) :].partition("-")
+        if len(day) == 6 and day.isdigit() and seq.isdigit():
+            days.setdefault(day, set()).add(int(seq))
+    gaps = [f"{prefix}{day}-{n:04d}" for day in sorted(days) for n in range(1, max(days[day])) if n not in days[day]]
+    last = None
+    if days:
+        day = max(days)
+        last = f"{prefix}{day}-{max(days[day]):04d}"
+    return gaps, last
+
+
+async def _set_meta(node: Node, key: str, value: str | None) -> None:
+    def write(conn: sqlite3.Connection) -> None:
+        if value is None:
+            conn.execute("DELETE FROM meta WHERE key = ?", (key,))
+        else:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    await node.store.write(write)
+
+
+async def catch_up(node: Node, upstreams: list[Upstream], *, modes: dict[str, str], required: str | None = None
+                   ) -> dict[str, Any]:
+    """Pull from each upstream in turn, seed the counters from every code they list, report.
+
+    ``required`` names an upstream whose failure raises; the others' failures are reported. When any
+    upstream could not be read the store keeps ``seed_counters = pending``, so the node asks again at start.
+    """
+    reports: list[SourceReport] = []
+    for up in upstreams:
+        mode = modes.get(up.name)
+        if mode is None:
+            continue
+        cursor = 0
+        if mode == "merge":
+            row = await node.store.fetchone("SELECT seq FROM pull_cursors WHERE target = ?", (up.name,))
+            cursor = int(row[0]) if row else 0
+        started = time.monotonic()
+        try:
+            report = await pull(node, up, mode=mode, since=cursor)
+        except (UpstreamError, TimeoutError) as exc:
+            if up.name == required:
+                raise
+            report = SourceReport(up.name, error=str(exc) or "timed out")
+            log.warning("recover_upstream_unreachable", target=up.name, error=report.error)
+        else:
+            log.info("recovered_from", seconds=round(time.monotonic() - started, 2), **report.as_dict())
+        reports.append(report)
+    codes = [c for r in reports for c in r.codes]
+    seeded = await node.service.seed_counters(codes)
+    local = [str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")]
+    gaps, last = sequence_gaps([*codes, *local], node.config.node.agency_code)
+    complete = bool(reports) and all(r.error is None for r in reports)
+    await _set_meta(node, "seed_counters", None if complete else "pending")
+    return {
+        "sources": [r.as_dict() for r in reports],
+        "dossiers": len(local),
+        "counters": seeded,
+        "gaps": gaps[:MAX_LISTED_GAPS],
+        "gap_count": len(gaps),
+        "last_code": last,
+        "complete": complete,
+    }
+
+
+async def bootstrap(config: Config, source: str) -> dict[str, Any]:
+    """Rebuild an empty store from the upstreams: ``source`` first, the other one only fills its gaps."""
+    async with upstreams_of(config) as ups, offline_node(config) as node:
+        by_name = {u.name: u for u in ups}
+        ordered = [by_name[source], *(u for n, u in by_name.items() if n != source)]
+        modes = {source: "merge", **{n: "fill" for n in by_name if n != source}}
+        report = await catch_up(node, ordered, modes=modes, required=source)
+        report["source"] = source
+        report["client_id"] = node.service.client_id
+        await _set_meta(node, "bootstrap", json.dumps({"gaps": report["gaps"], "last_code": report["last_code"]}))
+        return report
+
+
+async def after_restore(config: Config) -> dict[str, Any]:
+    """Catch a restored store up: merge what the upstreams gained since the backup, city first."""
+    async with upstreams_of(config) as ups, offline_node(config) as node:
+        ordered = sorted(ups, key=lambda u: u.name != "city")
+        report = await catch_up(node, ordered, modes={u.name: "merge" for u in ups})
+        report["client_id"] = node.service.client_id
+        return report
+
+
+def _copy_store(old: Path, into: Path) -> Path:
+    """Copy a store with its WAL files, so opening the copy recovers committed transactions in the WAL."""
+    db = old / "wardsync.sqlite3" if old.is_dir() else old
+    if not db.exists():
+        raise FileNotFoundError(f"no store at {db}")
+    for suffix in ("", "-wal", "-shm"):
+        src = db.with_name(db.name + suffix)
+        if src.exists():
+            shutil.copyfile(src, into / ("old.sqlite3" + suffix))
+    return into / "old.sqlite3"
+
+
+async def merge_store(config: Config, old: Path) -> dict[str, Any]:
+    """Merge every dossier of an old store into this node's store as CRDT merges; they then replicate."""
+    from node import crypto
+
+    with tempfile.TemporaryDirectory(prefix="wardsync-merge-") as tmp:
+        copy = _copy_store(old, Path(tmp))
+        sealer = crypto.sealer_for(config.node.key_file)
+        with contextlib.closing(sqlite3.connect(copy, isolation_level=None)) as conn:
+            rows = [(str(c), sealer.state(str(c), s)) for c, s in conn.execute("SELECT code, state FROM dossiers")]
+            counters = [
+                (str(a), str(d), int(n)) for a, d, n in conn.execute("SELECT agency, day, last FROM day_counters")
+            ]
+    created: list[str] = []
+    changed: list[str] = []
+    refused: list[str] = []
+    async with offline_node(config) as node:
+        held = {str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")}
+        results = await asyncio.gather(
+            *(node.service.merge(Merge(code, state, "merge-store")) for code, state in rows), return_exceptions=True
+        )
+        for (code, _), result in zip(rows, results, strict=True):
+            if isinstance(result, ApiError):
+                refused.append(code)
+                log.error("merge_store_refused", code=code, reason=result.message)
+            elif isinstance(result, BaseException):
+                raise result
+            elif code not in held:
+                created.append(code)
+            elif result.status == 201:
+                changed.append(code)
+
+        def raise_counters(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "INSERT INTO day_counters (agency, day, last) VALUES (?, ?, ?)"
+                " ON CONFLICT (agency, day) DO UPDATE SET last = max(last, excluded.last)",
+                counters,
+            )
+
+        await node.store.write(raise_counters)
+        boot = await node.store.get_meta("bootstrap")
+        gaps = set(json.loads(boot).get("gaps", [])) if boot else set()
+        return {
+            "old_dossiers": len(rows),
+            "created": sorted(created),
+            "changed": sorted(changed),
+            "refused": sorted(refused),
+            "unchanged": len(rows) - len(created) - len(changed) - len(refused),
+            "found_again": sorted(gaps & set(created)),
+        }

@@ -1,0 +1,173 @@
+"""SIGHUP: re-read the configuration and apply what can change under a running node.
+
+Applied in place, with no loop restarted (queue positions are the store's cursors, so nothing is lost or
+sent twice) and no request dropped: the upstreams' URLs and credentials (each adapter logs in again on
+its next call; calls in flight finish on their old session), API tokens (``node.auth.reload()``) and the
+node's own TLS certificate (loaded into the listener's context, so new connections get it). A file that
+does not validate, changes the unit's identity, or names a certificate that does not load is refused
+whole, the running configuration is kept, and ``config_reload_refused`` says why. Other changed settings
+are reported as ``needs_restart``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import signal
+import ssl
+from collections.abc import AsyncIterator, Callable
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from node import tls
+from node.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from node.app import Node
+
+log = structlog.get_logger()
+
+IDENTITY = ("unit", "agency_code", "data_dir")
+CREDENTIALS = {
+    "national": ("url", "username", "password", "dstcode", "madonvi"),
+    "city": ("url", "client_id", "client_secret"),
+}
+TLS_FILES = ("tls_cert", "tls_key")
+
+
+def _changed(old: Any, new: Any, prefix: str) -> list[str]:
+    if old is None or new is None:
+        return [] if old is new else [prefix]
+    return [f"{prefix} {f.name}" for f in fields(old) if getattr(old, f.name) != getattr(new, f.name)]
+
+
+def plan(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
+    """(refusals, settings applied live, settings that need a restart) for going from ``old`` to ``new``."""
+    refusals = [
+        f"[node] {key} changed from {getattr(old.node, key)!r} to {getattr(new.node, key)!r}: a running node's"
+        " identity and store cannot change; restart it for that"
+        for key in IDENTITY
+        if getattr(old.node, key) != getattr(new.node, key)
+    ]
+    applied: list[str] = []
+    restart: list[str] = []
+    for key in _changed(old.node, new.node, "[node]"):
+        name = key.split(" ", 1)[1]
+        if name in TLS_FILES:
+            applied.append(key)
+        elif name not in IDENTITY:
+            restart.append(key)
+    for section in ("log", "replication", "failover"):
+        restart += _changed(getattr(old, section), getattr(new, section), f"[{section}]")
+    for name in ("national", "city"):
+        before, after = getattr(old, name), getattr(new, name)
+        if (before is None) != (after is None):
+            restart.append(f"[targets.{name}]")
+            continue
+        for key in _changed(before, after, f"[targets.{name}]"):
+            (applied if key.split(" ", 1)[1] in CREDENTIALS[name] else restart).append(key)
+    return refusals, applied, restart
+
+
+async def reload(node: Node, load: Callable[[], Config], *, server_ssl: ssl.SSLContext | None = None) -> bool:
+    """Re-read the configuration with ``load`` and apply it; False (and the old one kept) when refused."""
+    try:
+        new = load()
+    except ConfigError as exc:
+        log.error("config_reload_refused", reason="; ".join(exc.problems), kept=node.config.source)
+        return False
+    except (OSError, ValueError) as exc:
+        log.error("config_reload_refused", reason=str(exc), kept=node.config.source)
+        return False
+    old = node.config
+    refusals, applied, restart = plan(old, new)
+    if new.node.tls_cert and (old.node.tls_cert, old.node.tls_key) != (new.node.tls_cert, new.node.tls_key):
+        if server_ssl is None:
+            restart.append("[node] tls_cert (the node was started without TLS)")
+        else:
+            try:
+                tls.server_context(new)  # loads in a scratch context first: a bad pair must change nothing
+            except (ssl.SSLError, OSError) as exc:
+                refusals.append(f"[node] tls_cert/tls_key: cannot be loaded: {exc}")
+    if refusals:
+        log.error("config_reload_refused", reason="; ".join(refusals), kept=old.source)
+        return False
+    _apply_credentials(node, new)
+    tls_reloaded = False
+    if server_ssl is not None and new.node.tls_cert:
+        # Same context object: the listener keeps it, new handshakes present the new certificate.
+        server_ssl.load_cert_chain(new.node.tls_cert, new.node.tls_key)
+        tls_reloaded = True
+    await _call_reload(getattr(node, "auth", None))
+    # Another module may offer a reload of its own (certificates, keyrings): called when present.
+    await _call_reload(getattr(tls, "reload", None))
+    node.config = replace(
+        old,
+        node=replace(old.node, tls_cert=new.node.tls_cert, tls_key=new.node.tls_key),
+        national=_keep_restart_only(old.national, new.national, "national"),
+        city=_keep_restart_only(old.city, new.city, "city"),
+    )
+    log.info("config_reloaded", source=new.source, applied=applied, needs_restart=restart,
+             tls_reloaded=tls_reloaded, tokens_reloaded=hasattr(node, "auth"))
+    return True
+
+
+def _keep_restart_only(old: Any, new: Any, name: str) -> Any:
+    if old is None or new is None:
+        return old
+    return replace(old, **{k: getattr(new, k) for k in CREDENTIALS[name]})
+
+
+def _apply_credentials(node: Node, new: Config) -> None:
+    from adapters.city import CityAdapter
+    from adapters.national import NationalAdapter
+
+    for up in node.upstreams:
+        if isinstance(up, NationalAdapter) and (n := new.national) is not None:
+            up.reconfigure(url=n.url, username=n.username, password=n.password, dstcode=n.dstcode, madonvi=n.madonvi)
+        elif isinstance(up, CityAdapter) and (c := new.city) is not None:
+            up.reconfigure(url=c.url, client_id=c.client_id, client_secret=c.client_secret)
+
+
+async def _call_reload(target: Any) -> None:
+    fn = target if callable(target) and not hasattr(target, "reload") else getattr(target, "reload", None)
+    if fn is None:
+        return
+    result = fn()
+    if inspect.isawaitable(result):
+        await result
+
+
+@contextlib.asynccontextmanager
+async def on_sighup(
+    node: Node, load: Callable[[], Config] | None, *, server_ssl: ssl.SSLContext | None = None
+) -> AsyncIterator[None]:
+    """While the body runs, each SIGHUP reloads the configuration (one reload at a time, in order)."""
+    if load is None:
+        yield
+        return
+    loop = asyncio.get_running_loop()
+    hup = asyncio.Event()
+
+    async def reloads() -> None:
+        while True:
+            await hup.wait()
+            hup.clear()
+            try:
+                await reload(node, load, server_ssl=server_ssl)
+            except Exception as exc:  # a reload must never take the node down
+                log.exception("config_reload_failed", error=str(exc))
+
+    loop.add_signal_handler(signal.SIGHUP, hup.set)
+    try:
+        async with asyncio.TaskGroup() as tg:
+            task = tg.create_task(reloads(), name="sighup")
+            try:
+                yield
+            finally:
+                task.cancel()
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
