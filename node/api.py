@@ -199,10 +199,16 @@ async def get_dossier(request: web.Request) -> web.Response:
     if row is None:
         raise ApiError(404, "not_found", f"no dossier with code {code!r}")
     record, digest, conflicts = row
+    sealer = request.app[STORE].sealer
+    record, conflicts = sealer.record(code, record), sealer.conflicts(code, conflicts)
     tail = f',"conflicts":{conflicts}' if conflicts and conflicts != "[]" else ""
     replication = await _replication_of(request, code, digest)
     tail += f',"replication":{json.dumps(replication, ensure_ascii=False)}'
-    return json_response(f'{record[:-1]},"digest":"{digest}"{tail}}}')
+    node = request.app[NODE]
+    tail += node.deadlines.json_tail(record, node.clock.now())  # TinhTrangHan, NgayHenTraHieuLuc
+    response = json_response(f'{record[:-1]},"digest":"{digest}"{tail}}}')
+    response.headers["ETag"] = f'"{digest}"'  # what PATCH's If-Match carries
+    return response
 
 
 async def _replication_of(request: web.Request, code: str, digest: str) -> dict[str, Any]:
@@ -479,12 +485,13 @@ async def list_dossiers(request: web.Request) -> web.Response:
         params.append(_decode_cursor(cursor))
     limit = _int_param(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
     rows = await request.app[STORE].fetchall(
-        f"SELECT id, record, digest FROM dossiers WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+        f"SELECT id, record, digest, code FROM dossiers WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
         [*params, limit + 1],
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    items = ",".join(f'{r[1][:-1]},"digest":"{r[2]}"}}' for r in rows)
+    opened = (request.app[STORE].sealer.record(r[3], r[1]) for r in rows)
+    items = ",".join(f'{record[:-1]},"digest":"{r[2]}"}}' for r, record in zip(rows, opened, strict=True))
     nxt = json.dumps(_encode_cursor(rows[-1][0]) if more and rows else None)
     return json_response(f'{{"items":[{items}],"next_cursor":{nxt}}}')
 

@@ -21,13 +21,19 @@ from failover.breaker import Breaker, BreakerSettings, BreakerState
 from failover.controller import Controller
 from failover.health import Prober
 from failover.windows import FaultWindows, GuardedUpstream
-from node import api, dashboard, metrics, receipts, tls
+from node import api, crypto, dashboard, metrics, receipts, tls
 from node.auth import AUTH, Auth, auth_middleware
 from node.clock import Clock
 from node.config import Config
+from node.desk import routes as desk_routes
+from node.desk.duedate import Deadlines
+from node.documents import add_routes as add_document_routes
+from node.documents import blob_store
+from node.fetcher import Fetcher
 from node.logs import register_secrets
-from node.secretfile import secret_values
+from node.receipt import add_routes as add_receipt_routes
 from node.registry import get_unit
+from node.secretfile import secret_values
 from node.service import DossierService
 from node.store import Store
 from sync import journal
@@ -46,11 +52,18 @@ class Node:
         self.config = config
         register_secrets(*secret_values(config))  # the credentials never reach a log, whatever the message
         self.clock = clock or Clock()
-        self.store = Store(config.db_path)
+        self.store = Store(config.db_path, sealer=crypto.sealer_for(config.node.key_file))
+        self.resealer: crypto.Resealer | None = None
         self.auth = Auth(self.store, self.clock)
+        self.deadlines = Deadlines.load(config.node.procedure_catalogue)
         self.service = DossierService(
-            self.store, unit=config.node.unit, agency=config.node.agency_code, clock=self.clock
+            self.store,
+            unit=config.node.unit,
+            agency=config.node.agency_code,
+            clock=self.clock,
+            due_date=self.deadlines.intake_due_date,
         )
+        self.fetcher = Fetcher(self.store, blob_store(config), token=config.node.peer_token, clock=self.clock)
         self._given_upstreams = upstreams
         self.upstreams: list[Upstream] = []
         self.replicators: dict[str, Replicator] = {}
@@ -82,6 +95,7 @@ class Node:
         structlog.contextvars.bind_contextvars(unit=self.config.node.unit)
         await self.store.open()
         try:
+            await crypto.bind(self.store)
             self.receipt_key = receipts.load_or_create(receipts.key_dir_of(self.config))
             await self.service.load()
             self.upstreams = self._given_upstreams if self._given_upstreams is not None else self._build_upstreams()
@@ -160,6 +174,10 @@ class Node:
             if self.replicators:
                 self.loops["prune"] = Loop("prune", self._prune, tick_s=600.0, backoff_cap_s=600.0)
                 self._tasks.create_task(self.loops["prune"].run(), name="prune")
+            if self.store.sealer.enabled:  # seals a clear store and re-seals after a key rotation, in the background
+                self.resealer = crypto.Resealer(self.store)
+                self.loops["reseal"] = Loop("reseal", self.resealer.run_once, tick_s=5.0)
+                self._tasks.create_task(self.loops["reseal"].run(), name="reseal")
             for name in self.pullers:
                 self.loops[f"pull:{name}"] = Loop(
                     f"pull:{name}",
@@ -183,6 +201,9 @@ class Node:
                 self.loops["failover"] = Loop("failover", self._evaluate, tick_s=self.config.failover.evaluate_s)
                 self._tasks.create_task(self.loops["failover"].run(), name="failover")
                 self._tasks.create_task(self.prober.run(), name="probes")
+            # Files of documents listed by dossiers this node holds but stored elsewhere (boundary-free).
+            self.loops["documents"] = Loop("documents", self.fetcher.run_once, tick_s=2.0, backoff_cap_s=60.0)
+            self._tasks.create_task(self.loops["documents"].run(), name="documents")
             if self.replicators:
                 self.loops["history"] = Loop("history", self.history.sample, tick_s=self.history.interval_s)
                 self._tasks.create_task(self.loops["history"].run(), name="history")
@@ -239,9 +260,12 @@ class Node:
     async def _seed_counters(self) -> None:
         """On an empty store, start the day counters past every code the upstreams hold for this unit."""
         row = await self.store.fetchone("SELECT (SELECT count(*) FROM dossiers) + (SELECT count(*) FROM day_counters)")
-        if not self.upstreams or (row is not None and row[0]):
+        # A restored or rebuilt store whose upstreams could not all be asked is marked to ask again here.
+        pending = await self.store.get_meta("seed_counters") == "pending"
+        if not self.upstreams or (row is not None and row[0] and not pending):
             return
         codes: list[str] = []
+        reached = 0
         for upstream in self.upstreams:
             try:
                 async with asyncio.timeout(self.config.replication.seed_timeout_s):
@@ -252,9 +276,12 @@ class Node:
                         if not page.items or page.next <= since:
                             break
                         since = page.next
+                reached += 1
             except (UpstreamError, TimeoutError) as exc:
                 log.warning("seed_counters_unreachable", target=upstream.name, error=str(exc) or "timeout")
         seeded = await self.service.seed_counters(codes)
+        if pending and reached == len(self.upstreams):
+            await self.store.write(lambda c: c.execute("DELETE FROM meta WHERE key = 'seed_counters'"))
         if seeded:
             log.info("seed_counters", days=seeded)
 
@@ -328,6 +355,7 @@ class Node:
                 await tasks.__aexit__(None, None, None)
             except BaseException as exc:
                 first = exc
+        await self.fetcher.close()
         await self._close_upstreams()
         try:
             await self.store.close()
@@ -350,15 +378,40 @@ def build_app(node: Node) -> web.Application:
     app[api.READY] = lambda: node.ready
     app[api.NODE] = node
     app[AUTH] = node.auth
+    desk_routes.add_routes(app)  # before api's routes: /api/v1/dossiers/search must win over /{code}
     api.add_routes(app)
+    add_document_routes(app)
+    add_receipt_routes(app)
     receipts.add_routes(app)
     metrics.add_routes(app, node.metrics)
     dashboard.add_routes(app)
     return app
 
 
-async def serve(config: Config, *, stop: asyncio.Event, announce: Any = print, clock: Clock | None = None) -> None:
-    """Run a node until ``stop`` is set; then stop accepting, finish in-flight requests, close the store."""
+async def serve(
+    config: Config,
+    *,
+    stop: asyncio.Event,
+    announce: Any = print,
+    clock: Clock | None = None,
+    reload_config: Any = None,
+) -> None:
+    """Run a node until ``stop`` is set; then stop accepting, finish in-flight requests, close the store.
+
+    The data directory is locked while it runs (``restore`` and ``bootstrap`` refuse a locked one); with
+    ``reload_config`` (a function re-reading the configuration), SIGHUP reloads credentials, tokens and TLS.
+    """
+    from node.ops import lock
+
+    with lock.hold(config.data_path, "serve"):
+        await _serve(config, stop=stop, announce=announce, clock=clock, reload_config=reload_config)
+
+
+async def _serve(
+    config: Config, *, stop: asyncio.Event, announce: Any, clock: Clock | None, reload_config: Any
+) -> None:
+    from node.ops.reload import on_sighup
+
     async with Node(config, clock=clock) as node:
         runner = web.AppRunner(
             node.app, handle_signals=False, access_log=None, shutdown_timeout=config.node.shutdown_timeout_s
@@ -376,7 +429,8 @@ async def serve(config: Config, *, stop: asyncio.Event, announce: Any = print, c
                 scheme = "https" if ssl_context is not None else "http"
                 announce(f"wardsync node {config.node.unit} listening on {scheme}://{shown}:{port}")
             log.info("listening", addresses=[f"{a[0]}:{a[1]}" for a in runner.addresses])
-            await stop.wait()
+            async with on_sighup(node, reload_config, server_ssl=ssl_context):
+                await stop.wait()
             log.info("stopping")
             node._stopping = True
         finally:

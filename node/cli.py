@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from node import __version__
+from node.commands import keys
 from node.config import ConfigError, load_config, render_config, split_listen
 from node.registry import get_unit, is_agency_code
 
@@ -23,6 +24,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.status",
     "node.commands.security",
     "node.commands.dashboard",
+    "node.commands.keys",
+    "node.commands.ops",
 )
 
 
@@ -35,6 +38,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     if problems:
         print("wardsync init: " + "; ".join(problems), file=sys.stderr)
         return EXIT_CONFIG
+    key_file = keys.default_key_file(args.out) if args.key_file is None else args.key_file
     text = render_config(
         unit=args.unit,
         agency_code=args.agency_code,
@@ -42,6 +46,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         national_url=args.national_url,
         city_url=args.city_url,
+        key_file=key_file,
     )
     if args.out in (None, "-"):
         sys.stdout.write(text)
@@ -53,6 +58,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
     out.write_text(text, encoding="utf-8")
     os.chmod(out, 0o640)
     print(f"wrote {out}")
+    if key_file and keys.ensure_keyring(Path(key_file)):
+        print(f"wrote {key_file} (the keyring encrypting dossiers at rest: keep a copy apart from the data)")
     return 0
 
 
@@ -69,11 +76,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"wardsync serve: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure(config.log.level, config.log.format)
+    from node.crypto import KeyringError
     from node.store import SchemaTooNew
 
     try:
-        return _run_until_signal(lambda stop: serve(config, stop=stop, announce=lambda m: print(m, flush=True)))
-    except SchemaTooNew as exc:
+        return _run_until_signal(
+            lambda stop: serve(
+                config,
+                stop=stop,
+                announce=lambda m: print(m, flush=True),
+                # SIGHUP re-reads the file the same way, flags included (see node/ops/reload.py).
+                reload_config=lambda: load_config(args.config, overrides=overrides),
+            )
+        )
+    except (SchemaTooNew, KeyringError) as exc:
         print(f"wardsync serve: {exc}", file=sys.stderr)
         return 1
 
@@ -165,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--national-url", help="national portal URL (fills in the stand-in's default credentials)")
     p.add_argument("--city-url", help="city system URL (fills in the stand-in's default credentials)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.add_argument("--key-file", help="keyring encrypting dossiers at rest (default: beside --out; '' for none)")
     p.set_defaults(func=_cmd_init)
 
     p = sub.add_parser("serve", help="run the node daemon")

@@ -19,6 +19,7 @@ from node.secretfile import exposure_problem
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_BODY = 256 * 1024
+DEFAULT_MAX_DOCUMENT = 20 * 1024 * 1024
 ENV_PREFIX = "WARDSYNC_"
 
 
@@ -38,11 +39,21 @@ class NodeSection:
     data_dir: str = DEFAULT_DATA_DIR
     max_body_bytes: int = DEFAULT_MAX_BODY
     shutdown_timeout_s: float = 30.0
+    # Submitted documents: the largest upload, the URL other systems fetch them from (empty: derived from
+    # listen), and the bearer token (role peer) this node shows other units' nodes when it fetches theirs.
+    max_document_bytes: int = DEFAULT_MAX_DOCUMENT
+    public_url: str = ""
+    peer_token: str = ""
     # HTTPS: PEM certificate (chain) and key; both or neither. Empty: plain HTTP.
     tls_cert: str = ""
     tls_key: str = ""
     # Where the receipt signing key lives; empty: <data_dir>/keys (see node/receipts.py).
     key_dir: str = ""
+    # Keyring that encrypts dossier contents at rest (see node/crypto.py); must lie outside data_dir.
+    # Empty: the store is kept in clear (`wardsync init` writes one).
+    key_file: str = ""
+    # Procedure catalogue (processing times, working calendar) the due dates come from; empty: the shipped one.
+    procedure_catalogue: str = ""
 
 
 @dataclass(frozen=True)
@@ -292,10 +303,23 @@ def validate(config: Config) -> list[str]:
         problems.append(f"[node] listen: {exc}")
     if not node.data_dir:
         problems.append("[node] data_dir: must not be empty")
+    elif node.key_file and Path(node.key_file).resolve().is_relative_to(Path(node.data_dir).resolve()):
+        problems.append(
+            f"[node] key_file: {node.key_file!r} lies inside data_dir {node.data_dir!r}; keep the keyring outside"
+            " it, so that a copy of the data does not carry the key that opens it"
+        )
     if not 1024 <= node.max_body_bytes <= 64 * 1024 * 1024:
         problems.append("[node] max_body_bytes: must be between 1024 and 67108864")
+    if not 1024 <= node.max_document_bytes <= 1024**3:
+        problems.append("[node] max_document_bytes: must be between 1024 and 1073741824")
+    if node.public_url and not node.public_url.startswith(("http://", "https://")):
+        problems.append(f"[node] public_url: must start with http:// or https://, got {node.public_url!r}")
     if node.shutdown_timeout_s <= 0:
         problems.append("[node] shutdown_timeout_s: must be positive")
+    if node.procedure_catalogue:
+        from node.desk.duedate import catalogue_problems
+
+        problems.extend(f"[node] procedure_catalogue: {p}" for p in catalogue_problems(node.procedure_catalogue))
     problems.extend(tls.config_problems(config))
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         problems.append(f"[log] level: {config.log.level!r} is not one of debug, info, warning, error")
@@ -354,11 +378,12 @@ def render_config(
     data_dir: str = DEFAULT_DATA_DIR,
     national_url: str | None = None,
     city_url: str | None = None,
+    key_file: str = "",
 ) -> str:
     """A commented configuration file for ``wardsync init``."""
     u = get_unit(unit)
     name = u.name if u else "?"
-    return _render_node(unit, agency_code, listen, data_dir, name) + _render_targets(
+    return _render_node(unit, agency_code, listen, data_dir, name, key_file) + _render_targets(
         agency_code, national_url, city_url
     )
 
@@ -394,7 +419,13 @@ timeout_s = 10.0
     return text
 
 
-def _render_node(unit: str, agency_code: str, listen: str, data_dir: str, name: str) -> str:
+def _render_node(unit: str, agency_code: str, listen: str, data_dir: str, name: str, key_file: str = "") -> str:
+    keyring = (
+        "# Keyring encrypting dossier contents at rest (wardsync key create/rotate); keep it outside data_dir.\n"
+        f'key_file = "{key_file}"\n'
+        if key_file
+        else ""
+    )
     return f"""\
 # wardsync node configuration.
 # Every setting can be overridden by an environment variable WARDSYNC_<SECTION>_<KEY>,
@@ -413,7 +444,7 @@ data_dir = "{data_dir}"
 max_body_bytes = {DEFAULT_MAX_BODY}
 # On SIGTERM, how long in-flight requests may take to finish, in seconds.
 shutdown_timeout_s = 30.0
-
+{keyring}
 [log]
 # debug, info, warning or error.
 level = "info"

@@ -146,6 +146,43 @@ MIGRATIONS: tuple[tuple[int, str], ...] = (
         INSERT INTO audit_origin (change_seq) SELECT coalesce(max(change_seq), 0) FROM dossiers
         """,
     ),
+    (
+        8,
+        """
+        CREATE TABLE document_fetches (
+            sha256     TEXT PRIMARY KEY,
+            code       TEXT NOT NULL,
+            url        TEXT NOT NULL,
+            size       INTEGER NOT NULL,
+            attempts   INTEGER NOT NULL DEFAULT 0,
+            last_error TEXT,
+            next_at    INTEGER NOT NULL DEFAULT 0,
+            created_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX document_fetches_due ON document_fetches (next_at);
+        """,
+    ),
+    (
+        9,
+        """
+        CREATE TABLE search_index (
+            code      TEXT PRIMARY KEY,
+            id_number TEXT,
+            procedure TEXT,
+            received  TEXT
+        ) WITHOUT ROWID;
+        CREATE INDEX search_index_id_number ON search_index (id_number);
+        CREATE INDEX search_index_procedure ON search_index (procedure, received);
+        CREATE INDEX search_index_received ON search_index (received);
+
+        CREATE TABLE search_terms (
+            term TEXT NOT NULL,
+            code TEXT NOT NULL,
+            PRIMARY KEY (term, code)
+        ) WITHOUT ROWID;
+        CREATE INDEX search_terms_code ON search_terms (code);
+        """,
+    ),
 )
 
 LATEST = MIGRATIONS[-1][0]

@@ -6,7 +6,7 @@ import functools
 from typing import Any
 
 from node import __version__
-from node.receipts import openapi_paths as receipt_paths
+from node.desk.spec import DEADLINE_PROPERTIES, edit_operation, search_paths
 from node.domain.validation import (
     DOCUMENT_FIELDS,
     DOCUMENT_REQUIRED,
@@ -17,6 +17,7 @@ from node.domain.validation import (
     STEP_FIELDS,
     STEP_REQUIRED,
 )
+from node.receipts import openapi_paths as receipt_paths
 
 _DT = {"type": "string", "pattern": "^[0-9]{14}$", "description": "yyyyMMddHHmmss, Asia/Ho_Chi_Minh"}
 _INT_FIELDS = {
@@ -102,6 +103,98 @@ _CODE = {
     "schema": {"type": "string"},
     "description": "Dossier code {agency}-{YYMMDD}-{NNNN}",
 }
+
+
+_STORED_DOCUMENT = {
+    "type": "object",
+    "description": "A submitted document (TaiLieuNop item); an uploaded one carries its file's hash, size and URL",
+    "required": ["TepDinhKemId", "TenTepDinhKem"],
+    "properties": {
+        "TepDinhKemId": {"type": "string", "description": "for an uploaded file, its sha256"},
+        "TenTepDinhKem": {"type": "string"},
+        "MaThanhPhanHoSo": {"type": "string"},
+        "DuongDanTaiTepTin": {"type": "string", "description": "absolute download URL on the node that stored it"},
+        "DuocSoHoa": {"type": "integer", "enum": [0, 1]},
+        "Sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$", "description": "sha256 of the file, hex"},
+        "KichThuoc": {"type": "integer", "description": "size of the file in bytes"},
+    },
+}
+
+
+def _document_paths() -> dict[str, Any]:
+    """Submitted documents (upload, list, download) and the printable receipt."""
+    sha = {"name": "sha256", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}
+    form = {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {
+                    "file": {"type": "string", "format": "binary", "description": "at most max_document_bytes"},
+                    "TenTepDinhKem": {"type": "string", "description": "defaults to the file part's filename"},
+                    "MaThanhPhanHoSo": {"type": "string"},
+                    "DuocSoHoa": {"type": "integer", "enum": [0, 1]},
+                },
+            }
+        }
+    }
+    listed = {"allOf": [_ref("StoredDocument"), {"type": "object", "properties": {"stored": {"type": "boolean"}}}]}
+    binary = {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+    return {
+        "/api/v1/dossiers/{code}/documents": {
+            "post": {
+                "summary": "Upload a submitted document (multipart, streamed, stored by sha256); added to TaiLieuNop",
+                "parameters": [_CODE, _IDEM],
+                "requestBody": {"required": True, "content": form},
+                "responses": {
+                    "201": {"description": "Stored and recorded; Location is its URL", **_json(_ref("Dossier"))},
+                    "200": {"description": "The same document was already recorded", **_json(_ref("Dossier"))},
+                    "409": {"description": "The same file is recorded with other metadata", **_json(_ref("Error"))},
+                    **_errors(400, 404, 413, 415, 422, 503, 507),
+                },
+            },
+            "get": {
+                "summary": "The dossier's documents, each with whether this node holds its file (stored)",
+                "parameters": [_CODE],
+                "responses": {
+                    "200": {
+                        "description": "Documents",
+                        **_json({"type": "object", "properties": {"items": {"type": "array", "items": listed}}}),
+                    },
+                    **_errors(404),
+                },
+            },
+        },
+        "/api/v1/dossiers/{code}/documents/{sha256}": {
+            "get": {
+                "summary": "A document's file; Range requests get 206 (a broken fetch resumes); "
+                "Repr-Digest has its hash",
+                "parameters": [_CODE, sha],
+                "responses": {
+                    "200": {"description": "The file", "content": binary},
+                    "206": {"description": "The requested range", "content": binary},
+                    "404": {
+                        "description": "No such dossier or document, or the file is not here yet (not_stored)",
+                        **_json(_ref("Error")),
+                    },
+                },
+            },
+        },
+        "/api/v1/dossiers/{code}/receipt": {
+            "get": {
+                "summary": "Printable receipt (phiếu tiếp nhận và hẹn trả kết quả): HTML, or PDF with ?format=pdf "
+                "or Accept: application/pdf",
+                "parameters": [_CODE, {"name": "format", "in": "query", "schema": {"enum": ["html", "pdf"]}}],
+                "responses": {
+                    "200": {
+                        "description": "The receipt",
+                        "content": {"text/html": {"schema": {"type": "string"}}, "application/pdf": {}},
+                    },
+                    **_errors(400, 404),
+                },
+            },
+        },
+    }
 
 
 _TARGET_STATUS = {
@@ -237,7 +330,7 @@ def openapi_document() -> dict[str, Any]:
             "MaDonViTiepNhan": {"type": "string", "pattern": "^[0-9]{5}$"},
             "TrangThaiPhiDiaGioi": {"type": "integer", "enum": [1, 2, 3, 4]},
             "QuaTrinhXuLy": {"type": "array", "items": {"type": "object"}},
-            "TaiLieuNop": {"type": "array", "items": _ref("Document")},
+            "TaiLieuNop": {"type": "array", "items": _ref("StoredDocument")},
             "DanhSachLePhi": {"type": "array", "items": _ref("Fee")},
             "digest": {"type": "string", "description": "sha256 of the record's canonical JSON"},
             "replication": {
@@ -250,6 +343,7 @@ def openapi_document() -> dict[str, Any]:
                 "items": {"type": "object"},
                 "description": "Steps skipped as illegal in the merged order",
             },
+            **DEADLINE_PROPERTIES,
         },
     }
     error = {
@@ -333,12 +427,14 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            **search_paths(),
             "/api/v1/dossiers/{code}": {
                 "get": {
-                    "summary": "One dossier",
+                    "summary": "One dossier; ETag carries its digest, for PATCH's If-Match",
                     "parameters": [_CODE],
                     "responses": {"200": {"description": "The dossier", **_json(_ref("Dossier"))}, **_errors(404)},
                 },
+                "patch": edit_operation(),
             },
             "/api/v1/dossiers/{code}/steps": {
                 "post": {
@@ -364,6 +460,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 },
             },
+            **_document_paths(),
             "/api/v1/dossiers/{code}/forward": {
                 "post": {
                     "summary": "Receiving unit forwards a boundary-free dossier to its competent unit (1 → 4)",
@@ -555,6 +652,7 @@ def openapi_document() -> dict[str, Any]:
                 "Step": step,
                 "Fee": fee,
                 "Document": document,
+                "StoredDocument": _STORED_DOCUMENT,
                 "Dossier": dossier,
                 "Status": _STATUS,
                 "Error": error,

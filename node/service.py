@@ -15,7 +15,9 @@ import json
 import secrets
 import sqlite3
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -23,8 +25,11 @@ from pycrdt import Doc
 
 from node import audit
 from node.clock import Clock, dvcqg, iso, local
+from node.crypto import Sealer
+from node.desk import search
 from node.domain.status import allowed_next, is_legal
-from node.errors import ApiError
+from node.domain.validation import validate_edit
+from node.errors import ApiError, validation_error
 from node.store import GroupCommit, Store
 from sync import doc as ydoc
 from sync.hlc import HLC, Stamp
@@ -76,6 +81,15 @@ class AddFee:
 
 
 @dataclass
+class AddDocument:
+    """Record a submitted document (TaiLieuNop item) whose file is already stored by content hash."""
+
+    code: str
+    clean: dict[str, Any]
+    idem: IdemKey | None = None
+
+
+@dataclass
 class SetForwarding:
     """Move a boundary-free dossier along 1 received → 4 forwarded → 2 taken over (→ 3 on return)."""
 
@@ -104,7 +118,17 @@ class Merge:
     idem: IdemKey | None = None
 
 
-Op = Intake | AddStep | AddFee | Merge | SetForwarding
+@dataclass
+class Edit:
+    """Correct editable fields, only while the dossier's digest is one of ``if_match`` (what the clerk saw)."""
+
+    code: str
+    body: Any  # validated in the writer, against the record it changes
+    if_match: tuple[str, ...]
+    idem: IdemKey | None = None
+
+
+Op = Intake | AddStep | AddFee | Merge | SetForwarding | AddDocument | Edit
 
 
 @dataclass
@@ -144,8 +168,19 @@ def _dumps(value: Any) -> str:
 class DossierService:
     """Writes dossiers; one instance per node, owning the store's writer connection."""
 
-    def __init__(self, store: Store, *, unit: str, agency: str, clock: Clock, max_batch: int = 512) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        unit: str,
+        agency: str,
+        clock: Clock,
+        max_batch: int = 512,
+        due_date: Callable[[str, datetime], str] | None = None,
+    ) -> None:
         self.store = store
+        # NgayHenTra for an intake that left it out: (procedure code, receipt time) -> yyyyMMddHHmmss.
+        self.due_date = due_date
         self.unit = unit
         self.agency = agency
         self.clock = clock
@@ -235,6 +270,12 @@ class DossierService:
     async def add_fee(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
         return await self.writer.submit(AddFee(code, clean, idem))
 
+    async def add_document(self, code: str, clean: dict[str, Any], idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(AddDocument(code, clean, idem))
+
+    async def edit(self, code: str, body: Any, if_match: tuple[str, ...], idem: IdemKey | None = None) -> Result:
+        return await self.writer.submit(Edit(code, body, if_match, idem))
+
     async def forwarding(self, code: str, action: str, idem: IdemKey | None = None) -> Result:
         return await self.writer.submit(SetForwarding(code, action, idem))
 
@@ -288,7 +329,7 @@ class DossierService:
             f"SELECT scope, key, request_hash, status, body FROM idempotency WHERE (scope, key) IN (VALUES {marks})",
             params,
         )
-        stored = {(r[0], r[1]): (r[2], int(r[3]), str(r[4])) for r in rows}
+        stored = {(r[0], r[1]): (r[2], int(r[3]), self.store.sealer.idem_body(r[0], r[1], r[4])) for r in rows}
         leaders: dict[tuple[str, str], int] = {}
         followers: dict[int, int] = {}
         for i, k in keyed:
@@ -326,6 +367,7 @@ class DossierService:
                 f"SELECT code, state, record FROM dossiers WHERE code IN ({marks})", list(wanted)
             )
             for code, state, record in rows:
+                state, record = self.store.sealer.state(code, state), self.store.sealer.record(code, record)
                 self._remember(code, _Entry(ydoc.load_doc(code, bytes(state), self.client_id), json.loads(record)))
 
     def _remember(self, code: str, entry: _Entry) -> None:
@@ -344,6 +386,10 @@ class DossierService:
             result = self._apply_merge(op, batch, now)
         elif isinstance(op, SetForwarding):
             result = self._apply_forwarding(op, batch, now)
+        elif isinstance(op, AddDocument):
+            result = self._apply_document(op, batch, now)
+        elif isinstance(op, Edit):
+            result = self._apply_edit(op, batch, now)
         else:
             result = self._apply_fee(op, batch, now)
         batch.audited += audit.collect(audit.kind_of(op), batch.journal[start:], batch.inserts, batch.updates)
@@ -360,6 +406,9 @@ class DossierService:
 
     def _apply_intake(self, op: Intake, batch: _Batch, now: Any, day: str) -> Result:
         clean = dict(op.clean)
+        if clean.get("NgayHenTra") is None and self.due_date is not None:
+            # Before minting: an intake refused for want of a due date must not use up a code.
+            clean["NgayHenTra"] = self.due_date(str(clean["MaTTHC"]), now)
         code = self._mint(day)
         batch.minted = True
         received = dvcqg(now)
@@ -581,6 +630,50 @@ class DossierService:
         update = ydoc.change(entry.doc, lambda d: ydoc.put_fields(d, {"TrangThaiPhiDiaGioi": wanted}))
         return self._commit_change(op.code, entry, update, batch, now)
 
+    def _apply_document(self, op: AddDocument, batch: _Batch, now: Any) -> Result:
+        entry = self._entry(op.code)
+        key = str(op.clean["TepDinhKemId"])
+        existing = ydoc.get_document(entry.doc, key)
+        if existing is not None:
+            # The download URL follows the node's configuration; the same file with the same metadata is
+            # the same document even after the URL changed.
+            same = {k: v for k, v in normalise(existing).items() if k != "DuongDanTaiTepTin"}
+            if same == {k: v for k, v in op.clean.items() if k != "DuongDanTaiTepTin"}:
+                return self._current(entry, 200)
+            raise ApiError(
+                409,
+                "document_exists",
+                f"document {key!r} is already recorded with different values; documents are append-only",
+                fields={"TepDinhKemId": "already recorded on this dossier"},
+            )
+
+        def write(d: Doc[Any]) -> None:
+            ydoc.add_document(d, op.clean)
+
+        update = ydoc.change(entry.doc, write)
+        return self._commit_change(op.code, entry, update, batch, now)
+
+    def _apply_edit(self, op: Edit, batch: _Batch, now: Any) -> Result:
+        entry = self._entry(op.code)
+        current = _digest(entry.record)
+        if current not in op.if_match:
+            raise ApiError(
+                412,
+                "precondition_failed",
+                f"{op.code} changed since the clerk read it; the current record and its digest are in 'record'",
+                fields={"If-Match": f'the current digest is "{current}"'},
+                extra={"record": json.loads(response_body(_dumps(entry.record), current))},
+                headers={"ETag": f'"{current}"'},
+            )
+        clean, errors = validate_edit(op.body, current=entry.record)
+        if errors:
+            raise validation_error(errors)
+        changes = {k: v for k, v in clean.items() if entry.record.get(k) != v}
+        if not changes:
+            return self._current(entry, 200)
+        update = ydoc.change(entry.doc, lambda d: ydoc.put_fields(d, changes))
+        return self._commit_change(op.code, entry, update, batch, now)
+
     def _apply_fee(self, op: AddFee, batch: _Batch, now: Any) -> Result:
         entry = self._entry(op.code)
         existing = ydoc.get_fee(entry.doc, str(op.clean["MaPhiLePhi"]))
@@ -611,11 +704,18 @@ class DossierService:
         key = (self.agency, day)
         counter = (*key, self._counters[key]) if batch.minted else None
         hlc = self.hlc.last.encode()
-        await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc))
+        await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc, self.store.sealer))
 
 
-def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, str, int] | None, hlc: str) -> None:
+def _write_batch(
+    conn: sqlite3.Connection,
+    batch: _Batch,
+    counter: tuple[str, str, int] | None,
+    hlc: str,
+    sealer: Sealer | None = None,
+) -> None:
     """Every statement of one group commit; runs on the store's writer thread inside its transaction."""
+    clear, batch = batch, sealer.seal_batch(batch) if sealer is not None else batch  # contents sealed at rest
     if batch.inserts:
         conn.executemany(
             "INSERT INTO dossiers (code, receiving_unit, competent_unit, status, state, record, digest,"
@@ -627,6 +727,13 @@ def _write_batch(conn: sqlite3.Connection, batch: _Batch, counter: tuple[str, st
             "UPDATE dossiers SET status = ?, state = ?, record = ?, digest = ?, conflicts = ?,"
             " updated_at = ?, change_seq = ?, competent_unit = ? WHERE code = ?",
             list(batch.updates.values()),
+        )
+    if batch.inserts or batch.updates:
+        # The search index changes in the same transaction as the records it indexes.
+        search.index(
+            conn,
+            [(row[0], row[5]) for row in clear.inserts.values()] + [(row[8], row[2]) for row in clear.updates.values()],
+            sealer.keyed_hash if sealer is not None and sealer.enabled else None,
         )
     if batch.journal:
         conn.executemany('INSERT INTO journal (seq, code, "update", at) VALUES (?,?,?,?)', batch.journal)
