@@ -1,8 +1,9 @@
 """Intake throughput: durable accepts per second and latency of ``POST /api/v1/dossiers``.
 
     .venv/bin/python bench/intake.py [--seconds S] [--warmup W] [--clients 32] [--json] [--check]
+    .venv/bin/python bench/intake.py --at-rest [--rounds 3]    # the cost of encryption at rest only
 
-Three servers are measured one after another, each started as its own subprocess on a free 127.0.0.1
+Four servers are measured one after another, each started as its own subprocess on a free 127.0.0.1
 port with a fresh temporary directory, and each driven by the same load generator (``bench/_load.py``,
 a separate process: one aiohttp ClientSession, ``--clients`` concurrent closed-loop tasks posting a
 valid intake body varied per request):
@@ -10,7 +11,16 @@ valid intake body varied per request):
 * ``trivial``: aiohttp handler that reads the JSON body and answers a small JSON 201 (``bench/_servers.py``);
 * ``durable``: one INSERT per request into a fresh SQLite file with the node's pragmas through the node's
   own ``GroupCommit`` (one transaction, one fsync per batch), 201 after the commit (``bench/_servers.py``);
-* ``node``: ``wardsync serve`` with a config from ``wardsync init --unit 26743 --agency-code 000.00.17.H29``.
+* ``node-clear``: ``wardsync serve`` with a config from ``wardsync init --unit 26743 --agency-code
+  000.00.17.H29 --key-file ''``: no keyring, dossier contents stored in clear;
+* ``node``: the same, as ``wardsync init`` writes it by default: ``[node] key_file`` names a keyring beside
+  the config, so Doc states, records, journal updates and stored answers are sealed with AES-GCM.
+
+The two node runs differ only in the keyring, so their ratio (sealed / clear) for throughput, p99 latency
+and server CPU per request is the intake cost of encryption at rest. ``--at-rest`` runs only that pair,
+``--rounds N`` repeats it N times, alternating which goes first, and reports the median of the per-round
+ratios (the machine's other jobs move both runs of a round alike). After each node run the store is
+checked: the sealed run must hold sealed values only, the clear run none.
 
 Besides throughput and latency it reports the server's CPU use over the measurement window (event-loop
 thread and other threads, i.e. SQLite worker threads, separately), the load generator's CPU, the average
@@ -29,6 +39,7 @@ import queue
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,8 +56,9 @@ BENCH = ROOT / "bench"
 INTAKE_PATH = "/api/v1/dossiers"
 UNIT = "26743"
 AGENCY = "000.00.17.H29"
-SERVERS = ("trivial", "durable", "node")
-LABELS = {"trivial": "trivial", "durable": "minimal durable", "node": "node"}
+SERVERS = ("trivial", "durable", "node-clear", "node")
+NODE_KINDS = ("node-clear", "node")
+LABELS = {"trivial": "trivial", "durable": "minimal durable", "node-clear": "node, clear", "node": "node, sealed"}
 TARGETS = {"node_over_trivial": 0.35, "node_over_durable": 0.6, "node_p99_ms": 50.0}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -256,14 +268,18 @@ def bench_server(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         log = tmp / "server.log"
-        if kind == "node":
+        if kind in NODE_KINDS:
+            # The keyring goes beside the config (outside data_dir), as `wardsync init` places it; '' is none.
+            key_file = str(tmp / "wardsync.key") if kind == "node" else ""
             init = subprocess.run(
                 [*wardsync_cmd(), "init", "--unit", UNIT, "--agency-code", AGENCY, "--out", str(tmp / "wardsync.toml"),
-                 "--listen", f"127.0.0.1:{port}", "--data-dir", str(data)],
+                 "--listen", f"127.0.0.1:{port}", "--data-dir", str(data), "--key-file", key_file],
                 cwd=ROOT, capture_output=True, text=True, timeout=60,
             )
             if init.returncode != 0:
                 raise RuntimeError(f"wardsync init failed: {init.stderr.strip()}")
+            if kind == "node" and not Path(key_file).is_file():
+                raise RuntimeError(f"wardsync init wrote no keyring at {key_file}")
             token = subprocess.run(
                 [*wardsync_cmd(), "token", "create", "--config", str(tmp / "wardsync.toml"), "--role", "clerk"],
                 cwd=ROOT, capture_output=True, text=True, timeout=60, check=True,
@@ -288,7 +304,7 @@ def bench_server(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         if code not in (0, None):
             result["server_log_tail"] = _tail(log)
         # Every 201 must have left a row behind once the server stopped.
-        if kind in ("durable", "node"):
+        if kind in ("durable", *NODE_KINDS):
             db = data / ("durable.sqlite3" if kind == "durable" else "wardsync.sqlite3")
             conn = sqlite3.connect(db)
             try:
@@ -299,6 +315,7 @@ def bench_server(kind: str, args: argparse.Namespace) -> dict[str, Any]:
                     # One clock reading per batch: distinct journal timestamps approximate the batch count.
                     batches = conn.execute("SELECT count(DISTINCT at) FROM journal").fetchone()[0]
                     result["avg_batch"] = round(rows / max(1, batches), 1)
+                    result["at_rest"] = at_rest_check(kind, conn)
             finally:
                 conn.close()
             result["rows"] = rows
@@ -306,7 +323,47 @@ def bench_server(kind: str, args: argparse.Namespace) -> dict[str, Any]:
         return result
 
 
+def at_rest_check(kind: str, conn: sqlite3.Connection) -> dict[str, Any]:
+    """How many stored dossier contents are sealed and how many clear; ok when they match the run's kind."""
+    from node.crypto import count_key_usage  # the node's own count, as `wardsync key status` shows it
+
+    sealed = clear = 0
+    for counts in count_key_usage(conn).values():
+        for key_id, n in counts.items():
+            if key_id:
+                sealed += n
+            else:
+                clear += n
+    ok = (sealed > 0 and clear == 0) if kind == "node" else (sealed == 0 and clear > 0)
+    return {"sealed_values": sealed, "clear_values": clear, "ok": ok}
+
+
 # -- report --------------------------------------------------------------------------------------------
+AT_REST_METRICS = ("accepts_per_s", "p99_ms", "cpu_ms_per_req")
+
+
+def at_rest_round(clear: dict[str, Any], sealed: dict[str, Any]) -> dict[str, Any]:
+    """One round's sealed / clear ratios (throughput below 1 and p99 or CPU above 1 mean a cost)."""
+    ratio: dict[str, float | None] = {}
+    for metric in AT_REST_METRICS:
+        a, b = sealed.get(metric), clear.get(metric)
+        ratio[metric] = round(float(a) / float(b), 3) if a is not None and b else None
+    return {
+        "clear": {m: clear.get(m) for m in AT_REST_METRICS},
+        "sealed": {m: sealed.get(m) for m in AT_REST_METRICS},
+        "sealed_over_clear": ratio,
+        "store_ok": bool(clear.get("at_rest", {}).get("ok")) and bool(sealed.get("at_rest", {}).get("ok")),
+    }
+
+
+def at_rest_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    median: dict[str, float | None] = {}
+    for metric in AT_REST_METRICS:
+        values = [r["sealed_over_clear"][metric] for r in rounds if r["sealed_over_clear"][metric] is not None]
+        median[metric] = round(statistics.median(values), 3) if values else None
+    return {"rounds": rounds, "median_sealed_over_clear": median, "store_ok": all(r["store_ok"] for r in rounds)}
+
+
 def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     node, trivial, durable = results.get("node"), results.get("trivial"), results.get("durable")
 
@@ -362,15 +419,39 @@ def print_table(report: dict[str, Any]) -> None:
         val = _fmt(t["value"], ".3f" if key != "node_p99_ms" else ".2f")
         verdict = "n/a (not measured)" if t["value"] is None else ("MET" if t["met"] else "NOT MET")
         print(f"{names[key]:<24} {val:>8}   target {t['target']:<7}  {verdict}")
+    if "at_rest" in report:
+        print()
+        print_at_rest(report["at_rest"])
     for kind, r in report["servers"].items():
         if "rows" in r:
             ok = "ok" if r["durable_ok"] else "MISSING ROWS"
             print(f"{LABELS[kind]}: {r['accepted_total']} 201s over the whole run, "
                   f"{r['rows']} rows in the store ({ok})")
+        if "at_rest" in r:
+            a = r["at_rest"]
+            print(f"{LABELS[kind]}: {a['sealed_values']} sealed and {a['clear_values']} clear stored values "
+                  f"({'ok' if a['ok'] else 'NOT AS CONFIGURED'})")
         if r.get("errors") or any(k != "201" for k in r["statuses"]):
             print(f"{LABELS[kind]}: statuses {r['statuses']} errors {r['errors']}")
         if r.get("server_log_tail"):
             print(f"{LABELS[kind]} exited with {r['server_exit']}:\n{r['server_log_tail']}")
+
+
+def print_at_rest(at_rest: dict[str, Any]) -> None:
+    rounds = at_rest["rounds"]
+    print("encryption at rest, node sealed / node clear (throughput < 1, p99 and CPU > 1 are its cost):")
+    for i, r in enumerate(rounds, 1):
+        c, s, q = r["clear"], r["sealed"], r["sealed_over_clear"]
+        print(f"  round {i}: accepts/s {_fmt(s['accepts_per_s'], '.1f')} / {_fmt(c['accepts_per_s'], '.1f')} = "
+              f"{_fmt(q['accepts_per_s'], '.3f')}   p99 ms {_fmt(s['p99_ms'], '.2f')} / {_fmt(c['p99_ms'], '.2f')} = "
+              f"{_fmt(q['p99_ms'], '.3f')}   CPU ms/req {_fmt(s['cpu_ms_per_req'], '.3f')} / "
+              f"{_fmt(c['cpu_ms_per_req'], '.3f')} = {_fmt(q['cpu_ms_per_req'], '.3f')}")
+    m = at_rest["median_sealed_over_clear"]
+    label = "median of rounds" if len(rounds) > 1 else "ratio"
+    print(f"  {label}: throughput {_fmt(m['accepts_per_s'], '.3f')}, p99 {_fmt(m['p99_ms'], '.3f')}, "
+          f"CPU per request {_fmt(m['cpu_ms_per_req'], '.3f')}"
+          + ("" if at_rest["store_ok"] else "   (a store did not hold what its run was configured for)"))
+    print()
 
 
 @contextlib.contextmanager
@@ -392,15 +473,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per server (default 3)")
     parser.add_argument("--clients", type=int, default=32, help="concurrent clients (default 32)")
     parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout in seconds (default 5)")
-    parser.add_argument("--servers", default=",".join(SERVERS), help="comma-separated subset of trivial,durable,node")
+    parser.add_argument("--servers", default=",".join(SERVERS),
+                        help="comma-separated subset of trivial,durable,node-clear,node")
+    parser.add_argument("--at-rest", action="store_true",
+                        help="measure only the cost of encryption at rest: node-clear and node (sealed)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the node-clear/node pair this many times, alternating the order (default 1)")
     parser.add_argument("--idempotency", action="store_true", help="send a fresh Idempotency-Key with every request")
     parser.add_argument("--tmp-dir", help="where the temporary data directories go (default: system temp dir)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--check", action="store_true", help="exit 1 when a target is not met")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a target is not met or a node's store is not sealed as configured")
     args = parser.parse_args(argv)
-    kinds = [k.strip() for k in args.servers.split(",") if k.strip()]
+    kinds = list(NODE_KINDS) if args.at_rest else [k.strip() for k in args.servers.split(",") if k.strip()]
     if unknown := set(kinds) - set(SERVERS):
         parser.error(f"unknown server(s): {', '.join(sorted(unknown))}")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    pair = all(k in kinds for k in NODE_KINDS)
+    if args.rounds > 1 and not pair:
+        parser.error("--rounds repeats the node-clear/node pair: select both (or use --at-rest)")
 
     tmp_root = Path(args.tmp_dir or tempfile.gettempdir()).resolve()
     report: dict[str, Any] = {
@@ -410,17 +502,33 @@ def main(argv: list[str] | None = None) -> int:
                    "tmp_fs": f"{tmp_root} ({fs_type(tmp_root)})", "python": sys.version.split()[0]},
         "servers": {},
     }
+    rounds: list[dict[str, Any]] = []
     with cleanup_on_signals():
         for kind in kinds:
             if not args.json:
                 print(f"running {LABELS[kind]} ...", file=sys.stderr, flush=True)
             report["servers"][kind] = bench_server(kind, args)
+        if pair:
+            rounds.append(at_rest_round(report["servers"]["node-clear"], report["servers"]["node"]))
+        for i in range(1, args.rounds):
+            order = NODE_KINDS[::-1] if i % 2 else NODE_KINDS  # alternate which of the pair goes first
+            got: dict[str, dict[str, Any]] = {}
+            for kind in order:
+                if not args.json:
+                    print(f"round {i + 1}: running {LABELS[kind]} ...", file=sys.stderr, flush=True)
+                got[kind] = bench_server(kind, args)
+            rounds.append(at_rest_round(got["node-clear"], got["node"]))
+    report["config"]["rounds"] = args.rounds
     report.update(summarise(report["servers"]))
+    if rounds:
+        report["at_rest"] = at_rest_summary(rounds)
     if args.json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         print_table(report)
     if args.check and not all(t["met"] for t in report["targets"].values() if t["value"] is not None):
+        return 1
+    if args.check and not report.get("at_rest", {}).get("store_ok", True):
         return 1
     return 0
 
