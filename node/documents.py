@@ -191,10 +191,12 @@ def _storage_error(exc: OSError) -> ApiError:
 
 
 async def _record_of(request: web.Request, code: str) -> dict[str, Any]:
-    row = await request.app[api.STORE].fetchone("SELECT record FROM dossiers WHERE code = ?", (code,))
+    store = request.app[api.STORE]
+    row = await store.fetchone("SELECT record FROM dossiers WHERE code = ?", (code,))
     if row is None:
         raise ApiError(404, "not_found", f"no dossier with code {code!r}")
-    record: dict[str, Any] = json.loads(row[0])
+    # Sealed when the store is encrypted at rest.
+    record: dict[str, Any] = json.loads(store.sealer.record(code, row[0]))
     return record
 
 

@@ -141,17 +141,19 @@ class Fetcher:
     async def _scan(self) -> bool:
         if self._cursor is None:
             self._cursor = int(await self.store.get_meta(CURSOR_KEY) or 0)
-        # Only records that name a file hash are read in full: most changes are steps and fees.
+        # Only records that name a file hash are read in full: most changes are steps and fees. A sealed
+        # record (a BLOB, encryption at rest) cannot be looked into here: it is read and opened.
         rows = await self.store.fetchall(
-            f"SELECT code, change_seq, CASE WHEN instr(record, '\"{HASH_FIELD}\"') > 0 THEN record END"
-            " FROM dossiers WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
+            f"SELECT code, change_seq, CASE WHEN typeof(record) = 'blob' OR instr(record, '\"{HASH_FIELD}\"') > 0"
+            " THEN record END FROM dossiers WHERE change_seq > ? ORDER BY change_seq LIMIT ?",
             (self._cursor, self.settings.batch),
         )
         if not rows:
             return False
         wanted: dict[str, tuple[str, str, int, str]] = {}
         for code, _, record in rows:
-            for d in _stored(json.loads(record)) if record else ():
+            opened = self.store.sealer.record(str(code), record) if record is not None else None
+            for d in _stored(json.loads(opened)) if opened else ():
                 sha, url, size = d[HASH_FIELD], d.get(URL_FIELD), d.get(SIZE_FIELD)
                 if not isinstance(url, str) or not url.startswith(("http://", "https://")):
                     continue
@@ -264,4 +266,3 @@ class Fetcher:
                 raise FetchError(f"{url} sent more than the {size} bytes the record lists", retriable=False) from exc
         if partial.size < size:
             raise FetchError(f"{url} ended after {partial.size} of {size} bytes", retriable=True)
-

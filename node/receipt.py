@@ -318,10 +318,11 @@ async def receipt(request: web.Request) -> web.Response:
     """The dossier's receipt as HTML, or as PDF with ``?format=pdf`` or ``Accept: application/pdf``."""
     code = request.match_info["code"]
     pdf = wants_pdf(request)
-    row = await request.app[api.STORE].fetchone("SELECT record FROM dossiers WHERE code = ?", (code,))
+    store = request.app[api.STORE]
+    row = await store.fetchone("SELECT record FROM dossiers WHERE code = ?", (code,))
     if row is None:
         raise ApiError(404, "not_found", f"no dossier with code {code!r}")
-    r = receipt_of(json.loads(row[0]))
+    r = receipt_of(json.loads(store.sealer.record(code, row[0])))
     if pdf:
         # Laying out a PDF takes tens of milliseconds of CPU: off the event loop.
         body = await asyncio.to_thread(render_pdf, r)

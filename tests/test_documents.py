@@ -22,6 +22,7 @@ import pytest
 
 from node.app import Node
 from node.config import load_config
+from node.crypto import Keyring, write_keyring
 from node.documents import CHUNK_BYTES
 from node.fetcher import FetchSettings
 from node.service import Merge
@@ -234,6 +235,42 @@ class TestFetch:
                 assert not on_disk(b_node, sha).exists()
                 assert pending[0]["attempts"] == 1 and "401" in pending[0]["last_error"]
                 assert pending[0]["next_at"] > b_node.clock.ms()
+
+
+class TestEncryptedStores:
+    """With encryption at rest on both nodes, upload, download and the competent unit's fetch all work."""
+
+    async def test_upload_download_and_fetch(self, tmp_path: Path) -> None:
+        data = os.urandom(200_000)
+        sha = hashlib.sha256(data).hexdigest()
+        keys = {}
+        for unit in ("a", "b"):
+            keys[unit] = tmp_path / f"keys-{unit}" / "wardsync.key"
+            write_keyring(keys[unit], Keyring.new())
+        async with running_node(make_config(tmp_path / "a", public_url="", key_file=str(keys["a"]))) as a:
+            a_node, a_url, a_s = a
+            code = await create(a, MaDonViXuLy=B_UNIT)
+            status, body, _ = await upload(a, code, data, TenTepDinhKem="Giấy chứng sinh")
+            assert status == 201, body
+            async with a_s.get(f"{a_url}/api/v1/dossiers/{code}/documents") as r:
+                assert r.status == 200 and [d["stored"] for d in (await r.json())["items"]] == [True]
+            async with a_s.get(f"{a_url}/api/v1/dossiers/{code}/documents/{sha}") as r:
+                assert r.status == 200 and await r.read() == data
+            # The record at rest is sealed: the fetcher cannot look into it with SQL.
+            row = await a_node.store.fetchone("SELECT state, typeof(record) FROM dossiers WHERE code = ?", (code,))
+            assert row is not None and row[1] == "blob"
+            token = await a_node.auth.create_token(["peer"], name="b")
+            b_config = load_config(env={}, overrides={"node": {
+                "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
+                "data_dir": str(tmp_path / "b"), "peer_token": token, "key_file": str(keys["b"])}})
+            async with running_node(b_config) as b:
+                b_node = b[0]
+                b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
+                state = a_node.store.sealer.state(code, row[0])
+                await b_node.service.merge(Merge(code, state, origin="city"))
+                await b_node.fetcher.run_once()
+                assert sha_of(on_disk(b_node, sha)) == sha
+                assert await b_node.fetcher.pending() == []
 
 
 def _two_unit_config(tmp_path: Path, ups: Upstreams, unit: str, agency: str, **node: Any) -> Any:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pypdfium2 as pdfium
 import pytest
 
+from node.crypto import Keyring, write_keyring
 from tests.conftest import make_config, running_node, valid_intake
 
 TITLE = "PHIẾU TIẾP NHẬN HỒ SƠ VÀ HẸN TRẢ KẾT QUẢ"
@@ -88,3 +89,19 @@ class TestReceipt:
                 assert r.status == 400 and (await r.json())["error"]["fields"] == {"format": "html or pdf"}
             async with s.get(f"{url}/api/v1/dossiers/000.00.17.H29-200101-0001/receipt?format=pdf") as r:
                 assert r.status == 404
+
+    async def test_encrypted_store(self, tmp_path: Path) -> None:
+        """With encryption at rest the receipt is rendered from the opened record."""
+        key_file = tmp_path / "keys" / "wardsync.key"
+        write_keyring(key_file, Keyring.new())
+        async with running_node(make_config(tmp_path, key_file=str(key_file))) as (_, url, s):
+            async with s.post(f"{url}/api/v1/dossiers", json=valid_intake()) as r:
+                code = (await r.json())["MaHoSo"]
+            async with s.get(f"{url}/api/v1/dossiers/{code}/receipt") as r:
+                assert r.status == 200, await r.text()
+                html = await r.text()
+            assert code in html and DUE in html and "Nguyễn Thị Lan" in html
+            async with s.get(f"{url}/api/v1/dossiers/{code}/receipt?format=pdf") as r:
+                assert r.status == 200 and r.content_type == "application/pdf"
+                text, _ = pdf_text_and_pages(await r.read(), tmp_path)
+            assert code in text and DUE in text
