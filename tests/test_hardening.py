@@ -1,0 +1,424 @@
+"""Hardened input and a full disk, end to end over a real loopback socket and a real SQLite file.
+
+What tests/test_api.py, test_validation.py, test_ws.py and test_store.py already check is not repeated
+here; this file covers what they leave open:
+
+* the JSON depth limit at its boundary, on every route that reads a JSON body, with the limit named;
+* the body-size limit without a Content-Length (a chunked body) on the write routes;
+* Vietnamese text sent decomposed (NFD) stored composed (NFC) in the record *and* the Doc, through
+  intake, steps, PATCH and a document's form fields, with lengths counted after composing;
+* field lengths of DOMAIN.md (TrichYeuHoSo 1000, NguoiXuLy 50) at the boundary over HTTP, PATCH included;
+* a full disk (a page-limited database, as TestDiskFull does) on every write route besides intake and
+  steps (fees, PATCH, document upload): 507, the dossier and its audit log unchanged, an Idempotency-Key
+  not burnt by the refusal, writes resuming once space returns;
+* a really full file system (a small tmpfs mounted as the data directory; needs root, skipped otherwise):
+  a document that does not fit and intakes that do not fit are 507 and leave nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from node import audit
+from node.api import MAX_JSON_DEPTH
+from node.app import Node
+from node.crypto import Keyring, count_key_usage, write_keyring
+from sync.doc import load_doc
+from sync.record import record_from_doc
+from tests.conftest import make_config, running_node, valid_intake
+
+DOSSIERS = "/api/v1/dossiers"
+Running = tuple[Node, str, aiohttp.ClientSession]
+
+NAME = "Nguyễn Thị Phượng"  # every vowel here carries a diacritic NFD splits off
+NAME_NFD = unicodedata.normalize("NFD", NAME)
+OFFICER = "Trần Văn Dũng"
+SUMMARY = "Đăng ký khai sinh cho con, cấp bản sao trích lục"
+
+
+def nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)
+
+
+async def send(
+    session: aiohttp.ClientSession, method: str, url: str, body: Any = None, **kwargs: Any
+) -> tuple[int, Any, Any]:
+    if body is not None:
+        kwargs["json"] = body
+    async with session.request(method, url, **kwargs) as resp:
+        assert resp.content_type == "application/json", await resp.text()
+        return resp.status, await resp.json(), resp.headers
+
+
+async def create(running: Running, **fields: Any) -> dict[str, Any]:
+    _, base, session = running
+    status, reply, _ = await send(session, "POST", base + DOSSIERS, valid_intake(**fields))
+    assert status == 201, reply
+    return dict(reply)
+
+
+async def read(running: Running, code: str) -> tuple[str, dict[str, Any]]:
+    """(ETag, record without what is computed on reading) of one dossier."""
+    _, base, session = running
+    status, reply, headers = await send(session, "GET", f"{base}{DOSSIERS}/{code}")
+    assert status == 200, reply
+    for computed in ("replication", "TinhTrangHan", "NgayHenTraHieuLuc"):
+        reply.pop(computed, None)
+    return str(headers["ETag"]), dict(reply)
+
+
+async def stored(node: Node, code: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The dossier as the store holds it: (materialised record, record rebuilt from the Doc state)."""
+    row = await node.store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
+    assert row is not None
+    sealer = node.store.sealer
+    record = json.loads(sealer.record(code, row[1]))
+    doc = load_doc(code, sealer.state(code, row[0]), client_id=1)
+    return record, record_from_doc(doc)
+
+
+def strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (k, *strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+def nested_object(depth: int) -> str:
+    """A JSON object ``depth`` levels deep: {"a":{"a":...{}}}."""
+    return '{"a":' * (depth - 1) + "{}" + "}" * (depth - 1)
+
+
+# -- JSON depth and body size ----------------------------------------------------------------------------
+
+
+class TestJsonLimits:
+    """The depth limit holds on every JSON route, exactly at its boundary; a body too large is a 413 even
+    without a Content-Length."""
+
+    async def test_depth_boundary_on_every_json_route(self, node_server: Running) -> None:
+        node, base, session = node_server
+        code = (await create(node_server))["MaHoSo"]
+        etag, _ = await read(node_server, code)
+        routes = [
+            ("POST", DOSSIERS, {}),
+            ("POST", f"{DOSSIERS}/{code}/steps", {}),
+            ("POST", f"{DOSSIERS}/{code}/fees", {}),
+            ("PATCH", f"{DOSSIERS}/{code}", {"If-Match": etag}),
+            ("POST", "/api/v1/admin/faults", {}),
+        ]
+        journal = await node.store.fetchone("SELECT count(*) FROM journal")
+        for method, path, headers in routes:
+            hdrs = {"Content-Type": "application/json", **headers}
+            # At the limit the body is parsed and answered by validation (422), one deeper it is not parsed.
+            status, reply, _ = await send(
+                session, method, base + path, data=nested_object(MAX_JSON_DEPTH), headers=hdrs
+            )
+            assert status == 422, (path, reply)
+            status, reply, _ = await send(
+                session, method, base + path, data=nested_object(MAX_JSON_DEPTH + 1), headers=hdrs
+            )
+            assert status == 400, (path, reply)
+            assert reply["error"]["code"] == "malformed_json"
+            assert f"deeper than {MAX_JSON_DEPTH} levels" in reply["error"]["message"], reply
+        assert await node.store.fetchone("SELECT count(*) FROM journal") == journal
+
+    async def test_chunked_body_over_the_limit_is_a_413(self, node_server: Running) -> None:
+        """A body streamed without Content-Length is cut at max_body_bytes: 413 naming the limit, nothing stored."""
+        node, base, session = node_server
+        code = (await create(node_server))["MaHoSo"]
+        etag, before = await read(node_server, code)
+        limit = node.config.node.max_body_bytes
+
+        async def chunks(body: dict[str, Any]) -> AsyncIterator[bytes]:
+            raw = json.dumps(body).encode()
+            for i in range(0, len(raw), 8192):
+                yield raw[i : i + 8192]
+
+        big = "x" * (limit + 1)
+        cases = [
+            ("POST", DOSSIERS, valid_intake(ThongTinKhac=big), {}),
+            ("POST", f"{DOSSIERS}/{code}/steps", {"TrangThai": 4, "NguoiXuLy": "A", "NoiDungXuLy": big}, {}),
+            ("PATCH", f"{DOSSIERS}/{code}", {"ThongTinKhac": big}, {"If-Match": etag}),
+        ]
+        for method, path, body, headers in cases:
+            status, reply, _ = await send(
+                session, method, base + path, data=chunks(body), headers={"Content-Type": "application/json", **headers}
+            )
+            assert status == 413, (path, reply)
+            assert reply["error"]["code"] == "body_too_large"
+            assert str(limit) in reply["error"]["message"]
+        assert await read(node_server, code) == (etag, before)
+        row = await node.store.fetchone("SELECT count(*) FROM dossiers")
+        assert row == (1,)
+
+
+# -- Unicode NFC and field lengths -----------------------------------------------------------------------
+
+
+class TestNfc:
+    """Decomposed Vietnamese arrives from some keyboards and systems; the store holds it composed."""
+
+    async def test_nfd_input_is_stored_nfc_in_the_record_and_the_doc(self, node_server: Running) -> None:
+        node, base, session = node_server
+        reply = await create(node_server, ChuHoSo=NAME_NFD, TrichYeuHoSo=nfd(SUMMARY))
+        code = reply["MaHoSo"]
+        assert reply["ChuHoSo"] == NAME
+        status, stepped, _ = await send(
+            session, "POST", f"{base}{DOSSIERS}/{code}/steps", {"TrangThai": 4, "NguoiXuLy": nfd(OFFICER)}
+        )
+        assert status == 201, stepped
+        etag, _ = await read(node_server, code)
+        status, edited, _ = await send(
+            session, "PATCH", f"{base}{DOSSIERS}/{code}", {"ThongTinKhac": nfd("Ghi chú: người nộp là mẹ")},
+            headers={"If-Match": etag},
+        )
+        assert status == 200, edited
+        form = aiohttp.FormData()
+        form.add_field("TenTepDinhKem", nfd("Tờ khai đăng ký khai sinh"))
+        form.add_field("file", b"%PDF-1.4 to khai", filename="to-khai.pdf", content_type="application/pdf")
+        async with session.post(f"{base}{DOSSIERS}/{code}/documents", data=form) as resp:
+            assert resp.status == 201, await resp.text()
+
+        record, from_doc = await stored(node, code)
+        for where in (record, from_doc):
+            assert where["ChuHoSo"] == NAME
+            assert where["TrichYeuHoSo"] == SUMMARY
+            assert where["ThongTinKhac"] == "Ghi chú: người nộp là mẹ"
+            assert [s["NguoiXuLy"] for s in where["QuaTrinhXuLy"]][-1] == OFFICER
+            assert where["TaiLieuNop"][0]["TenTepDinhKem"] == "Tờ khai đăng ký khai sinh"
+            not_nfc = [s for s in strings(where) if not unicodedata.is_normalized("NFC", s)]
+            assert not_nfc == []
+        # The composed and the decomposed spelling find the same dossier.
+        for name in (NAME, NAME_NFD):
+            status, found, _ = await send(session, "GET", f"{base}{DOSSIERS}/search", params={"name": name})
+            assert status == 200, found
+            assert [d["MaHoSo"] for d in found["items"]] == [code]
+
+    async def test_lengths_are_counted_after_composing(self, node_server: Running) -> None:
+        """NguoiXuLy (at most 50 characters, DOMAIN.md) and TrichYeuHoSo (at most 1000) at their limits over
+        HTTP: a name of 50 composed characters sent as more than 50 code points passes, 51 do not."""
+        _, base, session = node_server
+        officer = ("Nguyễn Thị Phượng " * 3)[:50]
+        assert len(nfd(officer)) > 50
+        summary = ("Đăng ký khai sinh " * 60)[:1000]
+        reply = await create(node_server, TrichYeuHoSo=nfd(summary))
+        assert reply["TrichYeuHoSo"] == summary
+        code = reply["MaHoSo"]
+        status, stepped, _ = await send(
+            session, "POST", f"{base}{DOSSIERS}/{code}/steps", {"TrangThai": 4, "NguoiXuLy": nfd(officer)}
+        )
+        assert status == 201, stepped
+        assert stepped["QuaTrinhXuLy"][-1]["NguoiXuLy"] == officer
+
+        status, reply, _ = await send(
+            session, "POST", f"{base}{DOSSIERS}/{code}/steps", {"TrangThai": 5, "NguoiXuLy": officer + "a"}
+        )
+        assert (status, list(reply["error"]["fields"])) == (422, ["NguoiXuLy"])
+        status, reply, _ = await send(session, "POST", base + DOSSIERS, valid_intake(TrichYeuHoSo=summary + "a"))
+        assert (status, list(reply["error"]["fields"])) == (422, ["TrichYeuHoSo"])
+        etag, _ = await read(node_server, code)
+        status, reply, _ = await send(
+            session, "PATCH", f"{base}{DOSSIERS}/{code}", {"TrichYeuHoSo": summary + "a"}, headers={"If-Match": etag}
+        )
+        assert (status, list(reply["error"]["fields"])) == (422, ["TrichYeuHoSo"])
+        status, reply, _ = await send(
+            session, "PATCH", f"{base}{DOSSIERS}/{code}", {"ChuHoSo": nfd("Lê " * 83)[:-1]}, headers={"If-Match": etag}
+        )
+        assert status == 200, reply  # 331 code points decomposed, 248 composed: within ChuHoSo's 250
+        assert (await read(node_server, code))[1]["ChuHoSo"] == ("Lê " * 83).strip()
+
+
+# -- a full disk -----------------------------------------------------------------------------------------
+
+Write = Callable[[Running, str, int], Awaitable[tuple[int, Any]]]
+
+
+async def _fee(running: Running, code: str, n: int) -> tuple[int, Any]:
+    _, base, session = running
+    body = {"TenPhiLePhi": f"Lệ phí sao y bản chính {n} " + "x" * 200, "MaPhiLePhi": f"LP-{n}", "Gia": 2000 + n}
+    status, reply, _ = await send(session, "POST", f"{base}{DOSSIERS}/{code}/fees", body)
+    return status, reply
+
+
+async def _edit(running: Running, code: str, n: int) -> tuple[int, Any]:
+    _, base, session = running
+    etag, _ = await read(running, code)
+    body = {"ThongTinKhac": f"Lần sửa {n}: " + "ghi chú bổ sung " * 60}
+    status, reply, _ = await send(session, "PATCH", f"{base}{DOSSIERS}/{code}", body, headers={"If-Match": etag})
+    return status, reply
+
+
+async def _document(running: Running, code: str, n: int) -> tuple[int, Any]:
+    _, base, session = running
+    form = aiohttp.FormData()
+    form.add_field("TenTepDinhKem", f"Bản sao giấy tờ {n} " + "x" * 200)
+    form.add_field("file", f"%PDF-1.4 tài liệu {n}".encode(), filename=f"tai-lieu-{n}.pdf")
+    async with session.post(f"{base}{DOSSIERS}/{code}/documents", data=form) as resp:
+        assert resp.content_type == "application/json"
+        return resp.status, await resp.json()
+
+
+WRITES: dict[str, Write] = {"fees": _fee, "PATCH": _edit, "documents": _document}
+BIG = {"ThongTinKhac": "Ghi chú " * 240, "TrichYeuHoSo": "Trích yếu " * 90}
+
+
+def _audit_ok(db: Path) -> audit.Report:
+    with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+        return audit.verify(conn)
+
+
+class TestDiskFullEveryRoute:
+    """TestDiskFull (tests/test_store.py) covers intake and steps on a clear store; the other write routes
+    behave alike, on a clear store and on one encrypted at rest (what ``wardsync init`` configures)."""
+
+    @pytest.mark.parametrize("at_rest", ["clear", "sealed"])
+    async def test_fees_edit_and_documents_answer_507_and_change_nothing(self, tmp_path: Path, at_rest: str) -> None:
+        key_file = ""
+        if at_rest == "sealed":
+            key_file = str(tmp_path / "keys" / "wardsync.key")  # outside data_dir, as the config requires
+            write_keyring(Path(key_file), Keyring.new())
+        config = make_config(tmp_path, key_file=key_file)
+        async with running_node(config) as running:
+            node, base, session = running
+            codes = [(await create(running, **BIG))["MaHoSo"] for _ in range(len(WRITES))]
+            pages = await node.store.on_writer(lambda c: c.execute("PRAGMA page_count").fetchone()[0])
+            await node.store.on_writer(lambda c: c.execute(f"PRAGMA max_page_count={pages}"))
+            # Use up what is left in partly filled pages: big intakes first, then small ones.
+            for body in (valid_intake(**BIG), valid_intake()):
+                refused = 0
+                for _ in range(200):
+                    status, reply, _ = await send(session, "POST", base + DOSSIERS, body)
+                    assert status in (201, 507), reply
+                    refused = refused + 1 if status == 507 else 0
+                    if refused == 3:
+                        break
+                assert refused == 3, "intakes never hit the page limit"
+
+            n = 0
+            for (route, write), code in zip(WRITES.items(), codes, strict=True):
+                for _ in range(100):  # a write may still fit in a partly used page; the next will not
+                    before = await read(running, code)
+                    n += 1
+                    status, reply = await write(running, code, n)
+                    if status not in (200, 201):
+                        break
+                assert status == 507, (route, reply)
+                assert reply["error"]["code"] == "insufficient_storage", reply
+                assert "full" in reply["error"]["message"], reply
+                assert await read(running, code) == before, route
+
+            # The same Idempotency-Key, refused while full, is honoured once space returns (not replayed).
+            key = {"Idempotency-Key": "hardening-disk-full-1"}
+            status, reply, _ = await send(session, "POST", base + DOSSIERS, valid_intake(**BIG), headers=key)
+            assert status == 507, reply
+            assert await node.store.integrity_check() == "ok"
+            assert _audit_ok(config.db_path).ok
+
+            await node.store.on_writer(lambda c: c.execute("PRAGMA max_page_count=1073741823"))
+            for (route, write), code in zip(WRITES.items(), codes, strict=True):
+                n += 1
+                status, reply = await write(running, code, n)
+                assert status in (200, 201), (route, reply)
+            status, first, _ = await send(session, "POST", base + DOSSIERS, valid_intake(**BIG), headers=key)
+            assert status == 201, first
+            status, again, _ = await send(session, "POST", base + DOSSIERS, valid_intake(**BIG), headers=key)
+            assert (status, again["MaHoSo"]) == (201, first["MaHoSo"])
+            assert await node.store.integrity_check() == "ok"
+            report = _audit_ok(config.db_path)
+            assert report.ok, report
+        async with running_node(config) as (node, _, _):
+            assert await node.store.integrity_check() == "ok"
+            sealed = await node.store.on_writer(count_key_usage)
+            assert all(bool(k) == (at_rest == "sealed") for c in sealed.values() for k, n in c.items() if n), sealed
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, size: str) -> Any:
+    """A tmpfs of ``size`` mounted at ``path``; skips the test where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a size-limited tmpfs needs root")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30, check=False)
+
+
+def _grow(path: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(path)], check=True, capture_output=True, timeout=30)
+
+
+class TestFullFileSystem:
+    """The data directory on a file system that really fills up (ENOSPC), not only a page-limited database."""
+
+    async def test_documents_and_intakes_on_a_full_file_system(self, tmp_path: Path) -> None:
+        with small_filesystem(tmp_path / "data", "1536k") as data:
+            config = make_config(tmp_path, data_dir=str(data))
+            async with running_node(config) as running:
+                node, base, session = running
+                code = (await create(running))["MaHoSo"]
+                before = await read(running, code)
+                free = os.statvfs(data).f_bavail * os.statvfs(data).f_frsize
+                # A document larger than the space left: refused while streaming, no partial file left behind.
+                blob = os.urandom(free + 64 * 1024)
+                form = aiohttp.FormData()
+                form.add_field("file", io.BytesIO(blob), filename="scan.pdf", content_type="application/pdf")
+                async with session.post(f"{base}{DOSSIERS}/{code}/documents", data=form) as resp:
+                    reply = await resp.json()
+                    assert resp.status == 507, reply
+                assert reply["error"]["code"] == "insufficient_storage"
+                assert "full" in reply["error"]["message"]
+                assert [p for p in (data / "documents").rglob("*") if p.is_file()] == []
+                assert await read(running, code) == before
+
+                # Fill the rest with intakes until the file system refuses them.
+                accepted: list[str] = []
+                for _ in range(2000):
+                    status, reply, _ = await send(session, "POST", base + DOSSIERS, valid_intake(**BIG))
+                    if status == 507:
+                        break
+                    assert status == 201, reply
+                    accepted.append(reply["MaHoSo"])
+                assert status == 507, "the file system never filled up"
+                assert accepted, "no intake fitted in the space the refused document left"
+                assert reply["error"]["code"] == "insufficient_storage", reply
+                async with session.get(base + "/readyz") as resp:
+                    assert resp.status == 200
+                assert await read(running, code) == before
+
+                _grow(data, "64m")
+                status, later, _ = await send(session, "POST", base + DOSSIERS, valid_intake())
+                assert status == 201, later
+                form = aiohttp.FormData()
+                form.add_field("file", io.BytesIO(blob), filename="scan.pdf", content_type="application/pdf")
+                async with session.post(f"{base}{DOSSIERS}/{code}/documents", data=form) as resp:
+                    assert resp.status == 201, await resp.text()
+                sha = hashlib.sha256(blob).hexdigest()
+                assert (data / "documents" / sha[:2] / sha).read_bytes() == blob
+                rows = await node.store.fetchall("SELECT code FROM dossiers ORDER BY id")
+                assert [r[0] for r in rows] == [code, *accepted, later["MaHoSo"]]
+                assert await node.store.integrity_check() == "ok"
+                assert _audit_ok(config.db_path).ok
