@@ -12,7 +12,9 @@ here; this file covers what they leave open:
   steps (fees, PATCH, document upload): 507, the dossier and its audit log unchanged, an Idempotency-Key
   not burnt by the refusal, writes resuming once space returns;
 * a really full file system (a small tmpfs mounted as the data directory; needs root, skipped otherwise):
-  a document that does not fit and intakes that do not fit are 507 and leave nothing half-written.
+  a document that does not fit and intakes that do not fit are 507 and leave nothing half-written;
+* upstream TLS verification switched off is never silent in ``wardsync doctor`` either (tests/test_tls.py
+  covers the warning at start and /api/v1/status).
 """
 
 from __future__ import annotations
@@ -36,8 +38,10 @@ from node import audit
 from node.api import MAX_JSON_DEPTH
 from node.app import Node
 from node.crypto import Keyring, count_key_usage, write_keyring
+from node.ops import doctor
 from sync.doc import load_doc
 from sync.record import record_from_doc
+from tests import test_tls
 from tests.conftest import make_config, running_node, valid_intake
 
 DOSSIERS = "/api/v1/dossiers"
@@ -422,3 +426,26 @@ class TestFullFileSystem:
                 assert [r[0] for r in rows] == [code, *accepted, later["MaHoSo"]]
                 assert await node.store.integrity_check() == "ok"
                 assert _audit_ok(config.db_path).ok
+
+
+# -- TLS -------------------------------------------------------------------------------------------------
+
+pki = test_tls.pki  # the throwaway CA and server certificate of tests/test_tls.py
+
+
+class TestTlsNeverSilent:
+    async def test_doctor_warns_when_upstream_verification_is_off(self, tmp_path: Path, pki: test_tls.Pki) -> None:
+        """``wardsync doctor`` names a target whose certificate is not verified, and only that one."""
+        async with test_tls.https_portal(tmp_path / "portal", pki) as url:
+            unverified = test_tls.national(url, tls_verify="false")
+            verified = test_tls.national(url, ca_bundle=str(pki.ca))
+            off = test_tls.node_config(tmp_path / "off", {"targets.national": unverified})
+            on = test_tls.node_config(tmp_path / "on", {"targets.national": verified})
+            checks_off = await doctor.check_certificates(off, doctor.Thresholds(timeout_s=5.0))
+            checks_on = await doctor.check_certificates(on, doctor.Thresholds(timeout_s=5.0))
+        warned = [c for c in checks_off if c.name == "TLS verification (national)"]
+        assert len(warned) == 1 and warned[0].status == doctor.WARNING, checks_off
+        assert "tls_verify = false" in warned[0].detail and "ca_bundle" in warned[0].fix
+        # Verified against the CA bundle: only the certificate's expiry (the test CA's lasts a day: a warning).
+        assert [c.name for c in checks_on] == ["certificate (national)"]
+        assert checks_on[0].status != doctor.FAILURE and "expires" in checks_on[0].detail, checks_on

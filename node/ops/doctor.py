@@ -279,6 +279,11 @@ async def check_certificates(config: Config, t: Thresholds) -> list[Check]:
             out.append(Check(f"certificate ({name})", OK if local else WARNING, "plain http: no certificate",
                              "" if local else f"use the upstream's https:// URL in [targets.{name}] url"))
             continue
+        if not target.tls_verify:
+            out.append(Check(f"TLS verification ({name})", WARNING,
+                             f"[targets.{name}] tls_verify = false: the upstream's certificate is not checked; anyone"
+                             " on the path can read the credentials and the dossiers",
+                             f"set tls_verify = true and name the upstream's CA in [targets.{name}] ca_bundle"))
         try:
             ctx = tls.client_context(target)
             async with asyncio.timeout(t.timeout_s):
