@@ -11,6 +11,9 @@ import contextlib
 import hashlib
 import json
 import os
+import socket
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,13 +24,13 @@ import aiohttp
 import pytest
 
 from node.app import Node
-from node.config import load_config
+from node.config import load_config, render_config
 from node.crypto import Keyring, write_keyring
 from node.documents import CHUNK_BYTES
 from node.fetcher import FetchSettings
 from node.service import Merge
 from simulations.chaos_proxy import ChaosProxy, ModeError, parse_mode
-from tests.conftest import make_config, running_node, valid_intake
+from tests.conftest import make_config, provision_token, running_node, valid_intake
 from tests.test_failover import FAST
 from tests.upstreams import Upstreams, running_upstreams, target_overrides
 
@@ -353,6 +356,233 @@ class TestBoundaryFreeDocuments:
                 (doc,) = json.loads(row[0])["TaiLieuNop"]
                 assert doc["Sha256"] == sha and doc["KichThuoc"] == size
                 assert doc["DuongDanTaiTepTin"].startswith(proxy.url)
+
+
+async def portal_record(ups: Upstreams, agency: str, code: str) -> dict[str, Any]:
+    """The record the national stand-in holds, looked up as a portal client does (TraCuuHoSo)."""
+    from node.config import DEMO_PASSWORD, DEMO_USERNAME
+
+    login = {"username": DEMO_USERNAME, "password": DEMO_PASSWORD}
+    async with ups.http.post(f"{ups.national_url}/login", json=login, headers={"dstcode": agency}) as r:
+        session = (await r.json())["session"]
+    body = {"session": session, "madonvi": agency, "service": "TraCuuHoSo", "mahoso": code}
+    async with ups.http.post(f"{ups.national_url}/integration", json=body) as r:
+        answer = await r.json()
+    assert str(answer["error_code"]) == "0", answer
+    return dict(answer["data"])
+
+
+class TestUpstreamsAndAccess:
+    """An upload replicates: both stand-ins hold TaiLieuNop with a link that serves the file to a peer."""
+
+    async def test_upload_reaches_both_upstreams_and_the_link_needs_a_peer_role(self, tmp_path: Path) -> None:
+        data = os.urandom(150_000)
+        sha = hashlib.sha256(data).hexdigest()
+        async with running_upstreams(tmp_path) as ups:
+            config = _two_unit_config(tmp_path, ups, A_UNIT, A_AGENCY)
+            async with running_node(config) as a:
+                a_node, a_url, _ = a
+                code = await create(a)
+                status, body, _ = await upload(a, code, data, TenTepDinhKem="Giấy chứng sinh", MaThanhPhanHoSo="GCS")
+                assert status == 201, body
+                digest = body["digest"]
+
+                async def both_hold_it() -> bool:
+                    held = [(await ups.dossiers(t, A_UNIT)).get(code) for t in ("national", "city")]
+                    return held == [digest, digest]
+
+                # Equal digests: the city system holds the same TaiLieuNop as the node.
+                await eventually(both_hold_it, what="both upstreams hold the record with the document")
+                (doc,) = (await portal_record(ups, A_AGENCY, code))["TaiLieuNop"]
+                assert doc["TepDinhKemId"] == sha and doc["TenTepDinhKem"] == "Giấy chứng sinh"
+                assert doc["MaThanhPhanHoSo"] == "GCS" and doc["KichThuoc"] == len(data)
+                link = doc["DuongDanTaiTepTin"]
+                assert link == f"{a_url}/api/v1/dossiers/{code}/documents/{sha}"
+
+                # Whoever follows the link needs a token with a role that may read files.
+                async with aiohttp.ClientSession() as other:
+                    async with other.get(link) as r:
+                        assert r.status == 401
+                    for role, expected in (("peer", 200), ("clerk", 200), ("operator", 200), ("drill", 403),
+                                           ("read-only", 403)):
+                        token = await a_node.auth.create_token([role], name=role)
+                        async with other.get(link, headers={"Authorization": f"Bearer {token}"}) as r:
+                            assert r.status == expected, role
+                            if expected == 200:
+                                assert hashlib.sha256(await r.read()).hexdigest() == sha
+                                assert r.headers["Repr-Digest"].startswith("sha-256=:")
+                    # Another node may read files, never add them.
+                    peer = await a_node.auth.create_token(["peer"], name="peer")
+                    form = aiohttp.FormData()
+                    form.add_field("file", b"%PDF-1.4 khac", filename="khac.pdf")
+                    async with other.post(f"{a_url}/api/v1/dossiers/{code}/documents", data=form,
+                                          headers={"Authorization": f"Bearer {peer}"}) as r:
+                        assert r.status == 403
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _rss(pid: int, field: str = "VmHWM") -> int:
+    """The process's peak (VmHWM) or current (VmRSS) resident set, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def _reset_peak_rss(pid: int) -> int:
+    """Start the process's peak resident set afresh from its current one (Linux), and return that."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _rss(pid, "VmRSS")
+
+
+class _Served:
+    """``wardsync serve`` as a process of its own, so its memory is its own."""
+
+    def __init__(self, root: Path, ups: Upstreams, unit: str, agency: str, node_extra: str) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        text = render_config(
+            unit=unit,
+            agency_code=agency,
+            listen=f"127.0.0.1:{self.port}",
+            data_dir=str(root / "data"),
+            national_url=ups.national_url,
+            city_url=ups.city_url,
+        )
+        fast = "tick_s = 0.2\nretry_base_s = 0.05\nretry_cap_s = 0.5\npull_tick_s = 0.2\nstandby_pull_s = 0.5\n"
+        text = text.replace("[replication]\n", "[replication]\n" + fast, 1)
+        text = text.replace("timeout_s = 10.0", "timeout_s = 2.0")
+        text = text.replace("shutdown_timeout_s = 30.0\n", "shutdown_timeout_s = 2.0\n" + node_extra, 1)
+        root.mkdir(parents=True, exist_ok=True)
+        self.config = root / "wardsync.toml"
+        self.config.write_text(text, encoding="utf-8")
+        self.config.chmod(0o600)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def token(self, roles: str) -> str:
+        return provision_token(self.config, roles=roles)
+
+    def spawn(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
+        with (self.root / "out.log").open("wb") as out, (self.root / "err.log").open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "node", "serve", "--config", str(self.config)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=self.root,
+            )
+
+    async def start(self) -> None:
+        self.spawn()
+
+        async def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.logs()
+            try:
+                async with aiohttp.ClientSession() as s, s.get(f"{self.base}/readyz") as r:
+                    return r.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(ready, within_s=30, what=f"node at {self.base} ready")
+
+    def logs(self) -> str:
+        return "".join((self.root / n).read_text(errors="replace")[-3000:] for n in ("out.log", "err.log"))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+@pytest.mark.slow  # two node processes, 48 MiB: 20 to 50 s here; TestBoundaryFreeDocuments is the short version
+class TestLargeFileBetweenProcesses:
+    """Tens of MiB uploaded to one node process and fetched by another through a link that keeps breaking;
+    neither process's peak memory grows by anything like the file's size."""
+
+    async def test_large_file_streams_and_resumes(self, tmp_path: Path) -> None:
+        size = 48 * 1024 * 1024
+        source = tmp_path / "ban-scan.pdf"
+        sha = write_random(source, size)
+        warm = os.urandom(512 * 1024)
+        async with running_upstreams(tmp_path) as ups, ChaosProxy("127.0.0.1", 9) as proxy:
+            a = _Served(tmp_path / "a", ups, A_UNIT, A_AGENCY,
+                        f'max_document_bytes = {64 * 1024 * 1024}\npublic_url = "{proxy.url}"\n')
+            proxy.upstream_port = a.port
+            peer = a.token("peer")
+            clerk = a.token("clerk")
+            b = _Served(tmp_path / "b", ups, B_UNIT, B_AGENCY, f'peer_token = "{peer}"\n')
+            b_clerk = b.token("clerk")
+            try:
+                await a.start()
+                await b.start()
+                async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {clerk}"}) as s:
+                    n: Running = (None, a.base, s)  # type: ignore[assignment]  # create/upload use url and session only
+                    b_dir = tmp_path / "b" / "data" / "documents"
+
+                    async def fetched(digest: str) -> Callable[[], Awaitable[bool]]:
+                        async def check() -> bool:
+                            return (b_dir / digest[:2] / digest).is_file()
+
+                        return check
+
+                    # Warm both processes up on a small file (code paths loaded, pools and caches filled).
+                    code = await create(n, MaDonViXuLy=B_UNIT)
+                    assert (await upload(n, code, warm))[0] == 201
+                    await eventually(await fetched(hashlib.sha256(warm).hexdigest()), within_s=60,
+                                     what="B fetches the small file")
+                    # From here the peak counts only what the large file makes each process hold.
+                    base_a, base_b = _reset_peak_rss(a.pid), _reset_peak_rss(b.pid)
+                    assert _rss(a.pid) - base_a < 1024 * 1024  # the reset took
+
+                    # Every connection on the link breaks after 4 MiB towards B.
+                    await proxy.set_mode("cut", after_bytes=4 * 1024 * 1024)
+                    down_before = proxy.counters.bytes_down
+                    code = await create(n, MaDonViXuLy=B_UNIT)
+                    started = time.monotonic()
+                    status, body, _ = await upload(n, code, source, TenTepDinhKem="Bản scan hồ sơ")
+                    uploaded_s = time.monotonic() - started
+                    assert status == 201, body
+                    assert body["TaiLieuNop"][0]["KichThuoc"] == size
+                    await eventually(await fetched(sha), within_s=90, what="B fetches the large file")
+                    fetched_s = time.monotonic() - started
+                    grown_a, grown_b = _rss(a.pid) - base_a, _rss(b.pid) - base_b
+                assert sha_of(b_dir / sha[:2] / sha) == sha
+                assert sha_of(tmp_path / "a" / "data" / "documents" / sha[:2] / sha) == sha
+                # 48 MiB through a link cut every 4 MiB: at least 11 broken connections. A fetch that started
+                # over on each would never finish; each resumed with Range. The proxy counts bytes it handed to
+                # the socket: a reset also throws away what sat unread in B's receive buffer, so somewhat more
+                # than the file crossed, but nowhere near the file twice.
+                assert proxy.counters.reset >= size // (4 * 1024 * 1024) - 1
+                down = proxy.counters.bytes_down - down_before
+                assert size <= down < size * 3 // 2, down
+                print(
+                    f"\n{size >> 20} MiB: upload {uploaded_s:.1f} s, fetched by B after {fetched_s:.1f} s across "
+                    f"{proxy.counters.reset} cuts, {down} bytes through the link; peak RSS growth "
+                    f"A {grown_a / 2**20:.1f} MiB, B {grown_b / 2**20:.1f} MiB"
+                )
+                assert grown_a < size // 4, f"A's peak RSS grew by {grown_a} bytes for a {size}-byte upload"
+                assert grown_b < size // 4, f"B's peak RSS grew by {grown_b} bytes for a {size}-byte fetch"
+                # B serves what it fetched to its own clerks.
+                async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {b_clerk}"}) as s, s.get(
+                    f"{b.base}/api/v1/dossiers/{code}/documents/{sha}", headers={"Range": f"bytes={size - 16}-"}
+                ) as r:
+                    assert r.status == 206 and len(await r.read()) == 16
+            finally:
+                a.stop()
+                b.stop()
 
 
 class TestCutMode:
