@@ -111,7 +111,7 @@ async def reload(node: Node, load: Callable[[], Config], *, server_ssl: ssl.SSLC
         city=_keep_restart_only(old.city, new.city, "city"),
     )
     log.info("config_reloaded", source=new.source, applied=applied, needs_restart=restart,
-             tls_reloaded=tls_reloaded, tokens_reloaded=hasattr(node, "auth"))
+             tls_reloaded=tls_reloaded, access_reloaded=hasattr(node, "auth"))
     return True
 
 
