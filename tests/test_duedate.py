@@ -1,8 +1,21 @@
 """Due dates in working hours across weekends, Tết and other holidays; the on-time rule with supplement pauses.
 
 Every expected date below was counted by hand on a calendar: office hours 07:30-11:30 and 13:00-17:00,
-Monday to Friday, Asia/Ho_Chi_Minh; Tết 2027 (Tết day 1 is Saturday 6 February) gives days off from
-Thursday 4 to Wednesday 10 February.
+Monday to Friday, Asia/Ho_Chi_Minh. The days off come from these sources (cited by tag in each case):
+
+- [LC] Labour Code 2019 (Law 45/2019/QH14), art. 112: New Year's Day, Tết (5 days), Hùng Kings' day
+  (10th day of the 3rd lunar month), 30 April, 1 May, 2 September and one day next to it; art. 111(3): a
+  holiday that falls on the weekly rest day is taken on the next working day.
+- [TET26] Vietnam News Agency, "Lịch nghỉ Tết Nguyên đán và Quốc khánh năm 2026" (17 October 2025): public
+  servants off from Monday 16 to Friday 20 February 2026 (29 tháng Chạp to mùng 4), nine days with the weekends.
+- [QK26] National Day 2026 as the government scheduled it (the source the holidays package cites,
+  thuvienphapluat.vn): Monday 31 August off, worked on Saturday 22 August in exchange; 1 and 2 September off.
+- [VHVN] Resolution 80-NQ/TW: 24 November, Vietnam Culture Day, a paid day off from 2026.
+- [TET27] Tết 2027: day 1 (mùng 1 Tết Đinh Mùi) is Saturday 6 February 2027. No official schedule for
+  public servants is used here; the days are the estimate by [LC]'s rule that the holidays package makes
+  (eve and four days, the Saturday given back before and the Sunday after): Thursday 4 to Wednesday 10
+  February. If the government's schedule differs, the city lists the difference in its catalogue
+  (extra_days_off, extra_working_days; TestDueDates.test_catalogue_days_off_and_working_days).
 """
 
 from __future__ import annotations
@@ -61,21 +74,30 @@ class TestDueDates:
     @pytest.mark.parametrize(
         ("received", "procedure", "due"),
         [
-            # Wed 3 Feb 2027 09:00: 6.5 h that day, Tết from Thu 4 to Wed 10, 1.5 h on Thu 11.
+            # [TET26] Fri 13 Feb 2026 16:00: 1 h, Sat 14 to Sun 22 off, 4 h + 3 h on Mon 23.
+            ("20260213160000", "1.000001", "20260223160000"),
+            # [TET26] Thu 12 Feb 2026 09:00 + 2 days: 6.5 h Thu 12, 8 h Fri 13, 1.5 h Mon 23.
+            ("20260212090000", "1.000002", "20260223090000"),
+            # [TET27] Wed 3 Feb 2027 09:00: 6.5 h that day, Tết from Thu 4 to Wed 10, 1.5 h on Thu 11.
             ("20270203090000", "1.000001", "20270211090000"),
-            # 6.5 h on Wed 3, 8 h Thu 11, 8 h Fri 12, weekend, 1.5 h Mon 15.
+            # [TET27] 6.5 h on Wed 3, 8 h Thu 11, 8 h Fri 12, weekend, 1.5 h Mon 15.
             ("20270203090000", "1.000003", "20270215090000"),
-            # Received on Tết day 1 (a Saturday): counting starts Thu 11 07:30 and ends with that day.
+            # [TET27] Received on Tết day 1 (a Saturday): counting starts Thu 11 07:30 and ends with that day.
             ("20270206100000", "1.000001", "20270211170000"),
-            # Fri 20 Nov 2026 16:00: 1 h, weekend, 8 h Mon 23, Tue 24 is Vietnam Cultural Day, 8 h Wed 25,
+            # [VHVN] Fri 20 Nov 2026 16:00: 1 h, weekend, 8 h Mon 23, Tue 24 is Vietnam Culture Day, 8 h Wed 25,
             # 4 h + 3 h Thu 26.
             ("20261120160000", "1.000003", "20261126160000"),
-            # Fri 24 Apr 2026 10:00: 5.5 h, weekend, Mon 27 is Hùng Kings' day observed (26th is a Sunday),
-            # 8 h Tue 28, 2.5 h Wed 29.
+            # [LC] Fri 24 Apr 2026 10:00: 5.5 h, weekend, Hùng Kings' day (10/3 lunar) is Sun 26 Apr, so Mon 27
+            # is off; 8 h Tue 28, 2.5 h Wed 29.
             ("20260424100000", "1.000002", "20260429100000"),
-            # Sat 22 Aug 2026 is worked in exchange for Mon 31 Aug: Fri 21 16:00 + 1 day ends that Saturday.
+            # [QK26] Sat 22 Aug 2026 is worked in exchange for Mon 31 Aug: Fri 21 16:00 + 1 day ends that Saturday.
             ("20260821160000", "1.000001", "20260822160000"),
-            # Received at lunch: half a day is the whole afternoon.
+            # [QK26] Fri 28 Aug 2026 09:00: 6.5 h, weekend, Mon 31 Aug to Wed 2 Sep off, 1.5 h Thu 3 Sep.
+            ("20260828090000", "1.000001", "20260903090000"),
+            # [LC] 1 May 2027 is a Saturday, taken on Mon 3 May; 30 Apr is a Friday: Thu 29 Apr 2027 13:00 + 1 day
+            # is 4 h Thu 29, then Tue 4 May 07:30 + 4 h.
+            ("20270429130000", "1.000001", "20270504113000"),
+            # Weekends only: received at lunch, half a day is the whole afternoon.
             ("20270301120000", "1.000004", "20270301170000"),
             # Received before opening on a Monday: one day is that whole day.
             ("20270301060000", "1.000001", "20270301170000"),
