@@ -104,6 +104,12 @@ else
 fi
 chown root:"$SERVICE_USER" "$CONF"
 chmod 0640 "$CONF"
+# The keyring init writes beside the configuration (encryption at rest): root's, read by the service's group.
+KEY_FILE=$CONF_DIR/wardsync.key
+if [ -f "$KEY_FILE" ]; then
+    chown root:"$SERVICE_USER" "$KEY_FILE"
+    chmod 0640 "$KEY_FILE"
+fi
 
 # 5. The data directory (systemd's StateDirectory= would create it too, with the same owner and mode).
 if [ ! -d "$DATA" ]; then

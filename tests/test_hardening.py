@@ -14,7 +14,9 @@ here; this file covers what they leave open:
 * a really full file system (a small tmpfs mounted as the data directory; needs root, skipped otherwise):
   a document that does not fit and intakes that do not fit are 507 and leave nothing half-written;
 * upstream TLS verification switched off is never silent in ``wardsync doctor`` either (tests/test_tls.py
-  covers the warning at start and /api/v1/status).
+  covers the warning at start and /api/v1/status);
+* the keyring of an installed node (README, deploy/install.sh): written by root next to the configuration,
+  it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
+import sys
+import tempfile
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -449,3 +454,60 @@ class TestTlsNeverSilent:
         # Verified against the CA bundle: only the certificate's expiry (the test CA's lasts a day: a warning).
         assert [c.name for c in checks_on] == ["certificate (national)"]
         assert checks_on[0].status != doctor.FAILURE and "expires" in checks_on[0].detail, checks_on
+
+
+# -- the keyring of an installed node ---------------------------------------------------------------------
+
+SERVICE_UID = SERVICE_GID = 65534  # nobody:nogroup stand in for the wardsync service user and group
+
+
+def _as_service(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    exe = Path(sys.executable).parent / "wardsync"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "node"]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
+    return subprocess.run(
+        ["setpriv", f"--reuid={SERVICE_UID}", f"--regid={SERVICE_GID}", "--clear-groups", *cmd, *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd, env=env, check=False,
+    )  # fmt: skip
+
+
+class TestInstalledKeyring:
+    def test_the_service_user_reads_the_keyring_only_with_the_install_modes(self) -> None:
+        """As the install steps do it: root runs ``wardsync init`` into /etc/wardsync, then gives the
+        configuration and the keyring to root:wardsync, mode 640; only then does the service user open it."""
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root and setpriv to act as the service user")
+        base = Path(tempfile.mkdtemp(prefix="wardsync-install-"))
+        try:
+            base.chmod(0o755)
+            etc, data = base / "etc", base / "data"
+            etc.mkdir(mode=0o750)
+            os.chown(etc, 0, SERVICE_GID)
+            data.mkdir(mode=0o750)
+            os.chown(data, SERVICE_UID, SERVICE_GID)
+            conf, key = etc / "wardsync.toml", etc / "wardsync.key"
+            done = subprocess.run(
+                [sys.executable, "-m", "node", "init", "--unit", "26743", "--agency-code", "000.00.17.H29",
+                 "--data-dir", str(data), "--out", str(conf)],
+                capture_output=True, text=True, timeout=60, cwd=base, check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600
+            os.chown(conf, 0, SERVICE_GID)
+            conf.chmod(0o640)
+
+            refused = _as_service("key", "status", "--config", str(conf), cwd=base)
+            assert refused.returncode != 0
+            assert "cannot be read" in refused.stderr, refused.stderr
+
+            os.chown(key, 0, SERVICE_GID)
+            key.chmod(0o640)
+            opened = _as_service("key", "status", "--config", str(conf), cwd=base)
+            assert opened.returncode == 0, opened.stderr
+            assert json.loads(opened.stdout)["active"] == 1
+
+            key.chmod(0o644)  # readable by every user: refused even though it can be read
+            exposed = _as_service("key", "status", "--config", str(conf), cwd=base)
+            assert exposed.returncode != 0 and "chmod 600" in exposed.stderr, exposed.stderr
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
