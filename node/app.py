@@ -172,7 +172,7 @@ class Node:
             for name, loop in self.loops.items():
                 self._tasks.create_task(loop.run(), name=f"push:{name}")
             if self.replicators:
-                self.loops["prune"] = Loop("prune", self._prune, tick_s=600.0, backoff_cap_s=600.0)
+                self.loops["prune"] = Loop("prune", self._prune, tick_s=rc.prune_tick_s, backoff_cap_s=600.0)
                 self._tasks.create_task(self.loops["prune"].run(), name="prune")
             if self.store.sealer.enabled:  # seals a clear store and re-seals after a key rotation, in the background
                 self.resealer = crypto.Resealer(self.store)

@@ -100,6 +100,8 @@ class ReplicationSection:
     standby_pull_s: float = 30.0
     # Journal entries acknowledged by every target are pruned after this many hours.
     journal_retention_h: float = 168.0
+    # How often the journal is pruned, in seconds.
+    prune_tick_s: float = 600.0
     # Anti-entropy compares one bucket of a unit's dossiers per tick, per target: a whole round takes
     # antientropy_buckets x antientropy_tick_s (16 minutes by default).
     antientropy_tick_s: float = 60.0
@@ -344,6 +346,8 @@ def validate(config: Config) -> list[str]:
         problems.append("[replication] max_attempts: must be at least 1")
     if rep.antientropy_tick_s <= 0:
         problems.append("[replication] antientropy_tick_s: must be positive")
+    if rep.prune_tick_s <= 0:
+        problems.append("[replication] prune_tick_s: must be positive")
     if not 1 <= rep.antientropy_buckets <= 4096:
         problems.append("[replication] antientropy_buckets: must be between 1 and 4096")
     fo = config.failover
