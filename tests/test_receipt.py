@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
 import pytest
 
 from node.crypto import Keyring, write_keyring
@@ -12,6 +13,33 @@ from tests.conftest import make_config, running_node, valid_intake
 
 TITLE = "PHIẾU TIẾP NHẬN HỒ SƠ VÀ HẸN TRẢ KẾT QUẢ"
 DUE = "05/01/2030"  # valid_intake's NgayHenTra 20300105170000
+
+
+def qr_codes(png: Path) -> list[str]:
+    """The QR codes zxing-cpp reads in a rendered page; None when no decoder is installed."""
+    from PIL import Image
+
+    try:
+        import zxingcpp  # type: ignore[import-not-found,unused-ignore]  # optional test dependency
+    except ImportError:
+        return []
+    with Image.open(png) as image:
+        found = zxingcpp.read_barcodes(image.convert("L"))
+    return [r.text for r in found if "QR" in str(r.format)]
+
+
+def page_images(pdf: bytes) -> list[tuple[float, float]]:
+    """(width, height) in points of every image drawn on the PDF's pages."""
+    doc = pdfium.PdfDocument(pdf)
+    try:
+        sizes = []
+        for i in range(len(doc)):
+            for obj in doc[i].get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,)):
+                left, bottom, right, top = obj.get_bounds()
+                sizes.append((right - left, top - bottom))
+        return sizes
+    finally:
+        doc.close()
 
 
 def pdf_text_and_pages(pdf: bytes, out: Path) -> tuple[str, list[Path]]:
@@ -74,6 +102,15 @@ class TestReceipt:
         assert len(pngs) == 1
         for expected in (TITLE, f"Mã hồ sơ: {code}", DUE, "Phường Bến Thành", "Nguyễn Thị Lan"):
             assert expected in text, expected
+        # The QR code: one square image on the page, about 32 mm (91 pt) a side.
+        ((w, h),) = page_images(pdf)
+        assert 85 < w < 97 and abs(w - h) < 1
+        try:
+            import zxingcpp  # type: ignore[import-not-found,unused-ignore]  # noqa: F401  # optional
+        except ImportError:
+            return  # no decoder installed: the image above is what can be checked
+        # Scanned from the rendered page, as a desk's scanner would: it reads the dossier code.
+        assert qr_codes(pngs[0]) == [code]
 
     async def test_the_due_date_the_record_holds_and_the_refusals(self, tmp_path: Path) -> None:
         async with running_node(make_config(tmp_path)) as (_, url, s):
