@@ -189,6 +189,11 @@ def _bootstrap(args: argparse.Namespace) -> int:
         " push before the disk was lost is unknown upstream and cannot be recovered from it; if the old disk"
         " returns, run 'wardsync merge-store OLD_DIR'."
     )
+    if reserved := report.get("reserved"):
+        lines.append(
+            f"  {reserved['count']} codes of today, {reserved['first']} to {reserved['last']}, are left unused so that"
+            " a new intake never takes the code of such a dossier"
+        )
     _print(args, report, lines)
     return 0
 
@@ -222,6 +227,10 @@ def _merge_store(args: argparse.Namespace) -> int:
         lines.append(f"  new: {', '.join(report['created'][:20])}" + (" …" if len(report["created"]) > 20 else ""))
     if report["refused"]:
         lines.append(f"  refused: {', '.join(report['refused'])}")
+    if report.get("collisions"):
+        lines.append(
+            f"  not merged, another dossier holds the code here: {', '.join(report['collisions'])}"
+        )
     lines.append("  they reach the upstreams once the node is started")
     _print(args, report, lines)
     return 0

@@ -4,7 +4,9 @@
 What the upstreams already hold is recorded in ``replication`` as acknowledged (with the ack each adapter
 keeps: the city's state vector, the portal's record digest and step keys), so nothing they hold is pushed
 again, least of all as a create. Day counters are raised past every code they hold for the unit, so no
-code is minted twice.
+code is minted twice. A rebuilt store also leaves a block of today's codes unused: dossiers accepted after
+the last push before the disk was lost hold codes no upstream knows, and a new intake must not take one
+(``merge-store`` would otherwise find two citizens' dossiers under one code when the old disk returns).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ import structlog
 
 from adapters.base import Upstream, UpstreamError
 from node import tls
-from node.clock import iso
+from node.clock import iso, local
 from node.config import Config
 from node.errors import ApiError
 from node.service import Merge
 from sync.merge import portal_update
+from sync.statevector import decode_state_vector
 
 if TYPE_CHECKING:
     from node.app import Node
@@ -41,6 +44,13 @@ log = structlog.get_logger()
 FEED_PAGE = 1000
 CONCURRENCY = 8
 MAX_LISTED_GAPS = 200
+# Today's codes a rebuilt store leaves unused past the highest one any upstream holds: at least this many,
+# and at least as many as the unit's busiest day the upstreams know of (a whole day of intakes unpushed).
+RESERVE_MIN = 100
+# Fields that tell two dossiers apart under one code when their Docs share no writer: facts of the intake.
+# A clerk may correct the applicant's name or ID number later, so a dossier edited on the old disk and never
+# pushed is reported as a collision too: refusing to merge loses nothing, merging two citizens would.
+IDENTITY_FIELDS = ("NgayTiepNhan", "MaTTHC", "ChuHoSo", "SoGiayToChuHoSo")
 
 
 @dataclass
@@ -313,6 +323,36 @@ async def catch_up(node: Node, upstreams: list[Upstream], *, modes: dict[str, st
     }
 
 
+def busiest_day(codes: Iterable[str], agency: str) -> int:
+    """The highest sequence number among ``agency``'s codes: the most dossiers the unit took in one day."""
+    prefix = f"{agency}-"
+    best = 0
+    for code in codes:
+        if code.startswith(prefix):
+            day, _, seq = code[len(prefix) :].partition("-")
+            if len(day) == 6 and day.isdigit() and seq.isdigit():
+                best = max(best, int(seq))
+    return best
+
+
+async def reserve_today(node: Node, codes: Iterable[str]) -> dict[str, Any]:
+    """Raise today's counter by a block of codes that stay unused, past every code the store knows.
+
+    The codes of dossiers accepted after the last push before a disk was lost are known to nobody; they
+    lie just past the highest code the upstreams hold for today. Skipping a block keeps a new intake off
+    them, so the old disk, if it returns, merges back without a collision.
+    """
+    agency = node.config.node.agency_code
+    day = local(node.clock.now()).strftime("%y%m%d")
+    row = await node.store.fetchone("SELECT last FROM day_counters WHERE agency = ? AND day = ?", (agency, day))
+    start = int(row[0]) if row else 0
+    count = max(RESERVE_MIN, busiest_day(codes, agency))
+    last = start + count
+    await node.service.seed_counters([f"{agency}-{day}-{last:04d}"])
+    return {"day": day, "first": f"{agency}-{day}-{start + 1:04d}", "last": f"{agency}-{day}-{last:04d}",
+            "count": count}
+
+
 async def bootstrap(config: Config, source: str) -> dict[str, Any]:
     """Rebuild an empty store from the upstreams: ``source`` first, the other one only fills its gaps."""
     async with upstreams_of(config) as ups, offline_node(config) as node:
@@ -322,7 +362,10 @@ async def bootstrap(config: Config, source: str) -> dict[str, Any]:
         report = await catch_up(node, ordered, modes=modes, required=source)
         report["source"] = source
         report["client_id"] = node.service.client_id
-        await _set_meta(node, "bootstrap", json.dumps({"gaps": report["gaps"], "last_code": report["last_code"]}))
+        known = [str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")]
+        report["reserved"] = await reserve_today(node, known)
+        await _set_meta(node, "bootstrap", json.dumps({"gaps": report["gaps"], "last_code": report["last_code"],
+                                                       "reserved": report["reserved"]}))
         return report
 
 
@@ -355,15 +398,35 @@ async def merge_store(config: Config, old: Path) -> dict[str, Any]:
         copy = _copy_store(old, Path(tmp))
         sealer = crypto.sealer_for(config.node.key_file)
         with contextlib.closing(sqlite3.connect(copy, isolation_level=None)) as conn:
-            rows = [(str(c), sealer.state(str(c), s)) for c, s in conn.execute("SELECT code, state FROM dossiers")]
+            rows = []
+            old_records: dict[str, dict[str, Any]] = {}
+            for c, s, r in conn.execute("SELECT code, state, record FROM dossiers"):
+                rows.append((str(c), sealer.state(str(c), s)))
+                old_records[str(c)] = json.loads(sealer.record(str(c), r))
             counters = [
                 (str(a), str(d), int(n)) for a, d, n in conn.execute("SELECT agency, day, last FROM day_counters")
             ]
     created: list[str] = []
-    changed: list[str] = []
+    merged: list[str] = []  # held already, and the old Doc added to its history
     refused: list[str] = []
     async with offline_node(config) as node:
-        held = {str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")}
+        held: dict[str, dict[str, Any]] = {}
+        digests: dict[str, str] = {}
+        writers: dict[str, set[int]] = {}
+        for c, st, r, d in await node.store.fetchall("SELECT code, state, record, digest FROM dossiers"):
+            code = str(c)
+            held[code], digests[code] = json.loads(node.store.sealer.record(code, r)), str(d)
+            writers[code] = _writers(node.store.sealer.state(code, st))
+        # The same code on another citizen's dossier (minted again after the disk was lost) is never merged:
+        # one Doc would end up holding two dossiers. Docs with a writer in common are one dossier's.
+        collisions = sorted(
+            code for code, state in rows
+            if code in held and not writers[code] & _writers(state)
+            and _identity(held[code]) != _identity(old_records[code])
+        )
+        for code in collisions:
+            log.error("merge_store_collision", code=code, held=_identity(held[code]), old=_identity(old_records[code]))
+        rows = [(code, state) for code, state in rows if code not in collisions]
         results = await asyncio.gather(
             *(node.service.merge(Merge(code, state, "merge-store")) for code, state in rows), return_exceptions=True
         )
@@ -376,7 +439,7 @@ async def merge_store(config: Config, old: Path) -> dict[str, Any]:
             elif code not in held:
                 created.append(code)
             elif result.status == 201:
-                changed.append(code)
+                merged.append(code)
 
         def raise_counters(c: sqlite3.Connection) -> None:
             c.executemany(
@@ -386,13 +449,32 @@ async def merge_store(config: Config, old: Path) -> dict[str, Any]:
             )
 
         await node.store.write(raise_counters)
+        # Brought up to date: the content changed (a Doc rebuilt from the portal's record gains the old Doc's
+        # history without any change to the dossier itself: that one is unchanged).
+        changed: list[str] = []
+        for i in range(0, len(merged), 500):
+            chunk = merged[i : i + 500]
+            marks = ",".join("?" for _ in chunk)
+            for c, d in await node.store.fetchall(f"SELECT code, digest FROM dossiers WHERE code IN ({marks})", chunk):
+                if str(d) != digests[str(c)]:
+                    changed.append(str(c))
         boot = await node.store.get_meta("bootstrap")
-        gaps = set(json.loads(boot).get("gaps", [])) if boot else set()
+        # After a rebuild, a dossier new to the store is one the upstreams never had: lost, and now found again
+        # (the gaps the bootstrap reported, and codes past the last one any upstream held).
         return {
-            "old_dossiers": len(rows),
+            "old_dossiers": len(rows) + len(collisions),
             "created": sorted(created),
             "changed": sorted(changed),
             "refused": sorted(refused),
+            "collisions": collisions,
             "unchanged": len(rows) - len(created) - len(changed) - len(refused),
-            "found_again": sorted(gaps & set(created)),
+            "found_again": sorted(created) if boot else [],
         }
+
+
+def _writers(state: bytes) -> set[int]:
+    return set(decode_state_vector(pycrdt.get_state(bytes(state))))
+
+
+def _identity(record: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(record.get(name)) for name in IDENTITY_FIELDS)
