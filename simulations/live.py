@@ -696,8 +696,38 @@ class LiveDrill:
             "checker": figures,
             "invariants": invariants,
             "ok": all(invariants.values()),
+            "summary_head": summary_head(figures, invariants),
             "errors": self.errors[:20],
         }
+
+
+def summary_head(c: dict[str, Any], inv: dict[str, bool]) -> list[tuple[str, str, str]]:
+    """The first rows of the report's summary table for a live drill: what its checker measures."""
+
+    def verdict(key: str) -> str:
+        return "ok" if inv.get(key) else "VIOLATED"
+
+    ps = c["portal_sample"]
+    if ps["status"] == "checked":
+        sample = (f"{ps['expected']} due, {ps['found']} found, {ps['missing']} missing, {ps['different']} different"
+                  f" ({ps['not_due']} not yet due, {ps['errors']} lookups failed, {ps['units_skipped']} units skipped)")
+    else:
+        sample = f"skipped: {ps['reason']}"
+    rows = [
+        ("live changes journaled during the drill", str(c["acknowledged"]), ""),
+        ("lost (new dead letters, acknowledged codes missing on the portal)", str(c["lost"]), verdict("lost")),
+    ]
+    for target, d in c["dead_letters"].items():
+        rows.append((f"dead and parked for {target}: before / after", f"{d['before']} / {d['after']}", ""))
+    rows += [
+        ("portal sample (TraCuuHoSo)", sample, ""),
+        ("converged (drained, back on the primary, sampled digests equal)", str(c["converged"]),
+         verdict("converged")),
+        ("restored (no fault window or forced choice left, every node reachable)", str(not c["left_open"]),
+         verdict("restored")),
+        ("duplicated / unexpected", "not observable through the nodes' APIs", ""),
+    ]
+    return rows
 
 
 def _healthy(st: Mapping[str, Any]) -> bool:

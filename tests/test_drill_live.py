@@ -153,6 +153,7 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         opts = LiveOptions(inventory=inv, scenario=load_scenario("national-outage"), minutes=0.2, poll_s=0.2,
                            settle_s=30.0, timeout_s=3.0)
         seen_open: dict[str, int] = {}
+        posted: list[str] = []
 
         async def watch() -> None:
             while True:
@@ -160,7 +161,17 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
                     seen_open[unit] = max(seen_open.get(unit, 0), len(await windows(s, url)))
                 await asyncio.sleep(0.2)
 
+        async def desks() -> None:
+            """The fleet's own traffic while the drill runs: a dossier at each desk every 0.4 s for 4 s."""
+            for i in range(10):
+                for _node, url, s in nodes:
+                    async with s.post(f"{url}/api/v1/dossiers", json=valid_intake(ChuHoSo=f"Khách {i}")) as r:
+                        assert r.status == 201, await r.text()
+                        posted.append((await r.json())["MaHoSo"])
+                await asyncio.sleep(0.4)
+
         watcher = asyncio.create_task(watch())
+        traffic = asyncio.create_task(desks())
         started = time.monotonic()
         try:
             r = await run_live(opts)
@@ -169,6 +180,7 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
         took = time.monotonic() - started
+        await traffic
 
         # Each node had the national window open during the drill, and nothing is left open now.
         assert seen_open == {unit: 1 for unit, _ in FLEET}
@@ -187,24 +199,30 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         # Switch times come from the nodes' event logs; a breaker's opening is seen by polling (every 0.2 s).
         assert 0 < fo["switch_s"]["max"] < 3.0 and 0 < fo["detect_s"]["max"] < 3.0 + 0.5
         assert set(c["lag"]) == {"national", "city"} and c["lag"]["national"]["seconds"]["n"] > 10
+        # Dossiers taken at the desks during the outage waited for the national portal, then drained.
+        assert c["lag"]["national"]["peak_backlog"] >= 2 and c["lag"]["national"]["drain_s"] is not None
         assert c["dead_letters"]["national"] == {"before": 0, "after": 0, "new": 0}
         sample = c["portal_sample"]
         assert sample["status"] == "checked"
         assert (sample["sampled"], sample["expected"], sample["found"], sample["missing"], sample["different"],
-                sample["errors"]) == (6, 6, 6, 0, 0, 0)
+                sample["errors"]) == (10, 10, 10, 0, 0, 0)
         assert c["lost"] == 0 and c["converged"] is True and c["left_open"] == []
         assert r["invariants"] == {"lost": True, "converged": True, "restored": True, "switched": True}
         assert r["ok"] is True and r["mode"] == "live fleet" and r["timings"]["drain_s"] >= 0
         active = [e for e in r["timeline"] if e["kind"] == "active"]
         assert {(e["unit"], e["to"]) for e in active} == {(u, t) for u, _ in FLEET for t in ("city", "national")}
 
-        # The drill sent no dossier anywhere.
-        assert await stored_counts(ups, nodes) == before
-        assert c["acknowledged"] == 0
+        # The drill sent no dossier anywhere: what the upstreams and nodes gained is what the desks took.
+        assert len(posted) == 20
+        after = await stored_counts(ups, nodes)
+        assert after == {k: v + (20 if k in ("national", "city") else 10) for k, v in before.items()}
+        assert c["acknowledged"] == 20  # one journal entry per intake
 
         files = write_report(r, tmp_path / "report")
         md = files["md"].read_text(encoding="utf-8")
-        assert "live fleet" in md and "national portal down" in md
+        assert "| mode | live fleet |" in md and "| national portal down: switched | 2/2 | ok |" in md
+        assert "| portal sample (TraCuuHoSo) | 10 due, 10 found, 0 missing, 0 different" in md
+        assert "VIOLATED" not in md
         assert took < 20, f"the live drill took {took:.1f} s"
 
 
