@@ -30,6 +30,7 @@ from node.desk.duedate import Deadlines
 from node.documents import add_routes as add_document_routes
 from node.documents import blob_store
 from node.fetcher import Fetcher
+from node.legacy import LegacyCheck
 from node.logs import register_secrets
 from node.receipt import add_routes as add_receipt_routes
 from node.registry import get_unit
@@ -76,6 +77,7 @@ class Node:
         self.antientropy: dict[str, AntiEntropy] = {}
         self._last_pull: dict[str, float] = {}
         self.prober: Prober | None = None
+        self.legacy_check: LegacyCheck | None = None
         self._sessions: list[aiohttp.ClientSession] = []  # one per target: each has its own TLS trust
         self.receipt_key: receipts.ReceiptKey | None = None
         self.metrics = metrics.NodeMetrics()
@@ -187,6 +189,24 @@ class Node:
                     backoff_cap_s=rc.retry_cap_s,
                 )
                 self._tasks.create_task(self.loops[f"pull:{name}"].run(), name=f"pull:{name}")
+            if "national" in self.guarded:
+                # Imported dossiers are looked up on the portal before their first push there (node/legacy.py).
+                self.legacy_check = LegacyCheck(
+                    self.store,
+                    self.service,
+                    self.guarded["national"],
+                    portal_client_id=await self.service.client_id_for("national"),
+                    clock=self.clock,
+                    wake=self.loops["national"].wake,
+                )
+                self.loops["legacy"] = Loop(
+                    "legacy",
+                    self.legacy_check.run_once,
+                    tick_s=rc.tick_s,
+                    backoff_base_s=rc.retry_base_s,
+                    backoff_cap_s=rc.retry_cap_s,
+                )
+                self._tasks.create_task(self.loops["legacy"].run(), name="legacy")
             for name, ae in self.antientropy.items():
                 # Slow on purpose: one bucket per tick, so a whole comparison takes buckets x tick.
                 self.loops[f"antientropy:{name}"] = Loop(

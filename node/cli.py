@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.dashboard",
     "node.commands.keys",
     "node.commands.ops",
+    "node.commands.legacy",
 )
 
 

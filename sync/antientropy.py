@@ -181,7 +181,7 @@ class AntiEntropy:
             marks = ",".join("?" for _ in chunk)
             rows = await self.store.fetchall(
                 f"SELECT code FROM replication WHERE target = ? AND code IN ({marks})"
-                " AND state IN ('pending', 'dead', 'parked')"
+                " AND state IN ('pending', 'dead', 'parked', 'held')"
                 f" UNION SELECT code FROM journal WHERE seq > ? AND code IN ({marks})",
                 [self.target, *chunk, cursor, *chunk],
             )

@@ -134,6 +134,8 @@ class Replicator:
                 [self.target, *chunk],
             )
             for code, state, record, digest, rstate, rdigest, acked, ack in rows:
+                if rstate == "held":
+                    continue  # an imported dossier not yet looked up on the target (node/legacy.py)
                 if acked == digest:
                     if rstate not in (None, "synced"):
                         # The dossier came back to content the target already acknowledged (an edit undoing a
