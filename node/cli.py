@@ -27,6 +27,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "node.commands.keys",
     "node.commands.ops",
     "node.commands.legacy",
+    "node.commands.drill",
 )
 
 
