@@ -553,7 +553,11 @@ class LegacyCheck:
         return int(row[0]) if row else 0
 
     async def run_once(self) -> bool:
-        """Check one batch of held dossiers; True when more are waiting."""
+        """Check one batch of held dossiers; True when more are waiting.
+
+        A lookup that fails (an :class:`adapters.base.UpstreamError`) leaves the whole batch held: the
+        loop backs off and asks again.
+        """
         rows = await self.store.fetchall(
             "SELECT r.code, d.record FROM replication r LEFT JOIN dossiers d ON d.code = r.code"
             " WHERE r.target = ? AND r.state = ? ORDER BY r.code LIMIT ?",
@@ -564,17 +568,18 @@ class LegacyCheck:
         orphans = [str(code) for code, record in rows if record is None]
         if orphans:
             await _unhold(self.store, orphans)
-        for code, record in rows:
-            if record is not None:
-                local = json.loads(self.store.sealer.record(str(code), record))
-                await self._check(str(code), local)
+        held = [(str(code), record) for code, record in rows if record is not None]
+        # Looked up together (the adapter bounds the calls in flight); merged and released one by one.
+        found = await asyncio.gather(*(self.portal.fetch(code, None) for code, _ in held))
+        for (code, record), fetched in zip(held, found, strict=True):
+            local = json.loads(self.store.sealer.record(code, record))
+            remote = dict(fetched.record) if fetched is not None and fetched.record is not None else None
+            await self._check(code, local, remote)
         if self.wake is not None:
             self.wake.set()
         return len(rows) >= self.batch
 
-    async def _check(self, code: str, local: dict[str, Any]) -> None:
-        fetched = await self.portal.fetch(code, None)  # an UpstreamError leaves it held; the loop backs off
-        remote = dict(fetched.record) if fetched is not None and fetched.record is not None else None
+    async def _check(self, code: str, local: dict[str, Any], remote: dict[str, Any] | None) -> None:
         if remote is None:
             await self._release(code, None, None)
             return
