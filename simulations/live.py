@@ -318,12 +318,6 @@ class LiveDrill:
             return
         view.status, view.error = body, None
         unit = view.node.unit
-        for name, t in (body.get("targets") or {}).items():
-            self.lag.append([now, unit, name, int(t.get("lag_records") or 0), float(t.get("lag_seconds") or 0.0)])
-            state = str(t.get("breaker"))
-            if view.breakers.get(name, state) != state:
-                self.timeline.append({"t": now, "unit": unit, "kind": "breaker", "target": name, "new": state})
-            view.breakers[name] = state
         # Switches as the node recorded them (its own clock), newest first in the status.
         fresh = []
         for e in body.get("events") or []:
@@ -331,16 +325,26 @@ class LiveDrill:
             if key not in view.seen_events:
                 view.seen_events.add(key)
                 fresh.append(e)
-        switched = False
-        for e in reversed(fresh):
-            if e.get("kind") != "switch":
-                continue
-            t = self._event_time(e.get("at"), now)
-            self.timeline.append({"t": t, "unit": unit, "kind": "active", "from": e.get("from"), "to": e.get("to"),
+        switches = [(self._event_time(e.get("at"), now), e) for e in reversed(fresh) if e.get("kind") == "switch"]
+        for name, t in (body.get("targets") or {}).items():
+            self.lag.append([now, unit, name, int(t.get("lag_records") or 0), float(t.get("lag_seconds") or 0.0)])
+            state = str(t.get("breaker"))
+            old = view.breakers.get(name, state)
+            if old == "closed" and state in ("open", "half_open"):
+                # The breaker opened since the last poll (half-open comes only after open). A switch away from
+                # this target since then was its doing, so the breaker opened no later than that switch.
+                caused = [ts for ts, e in switches if e.get("from") == name and str(e.get("reason", "")).startswith(
+                    f"primary {name} is down")]
+                self.timeline.append({"t": min([now, *caused]), "unit": unit, "kind": "breaker", "target": name,
+                                      "new": "open"})
+            if old != state and not (old == "closed" and state == "open"):
+                self.timeline.append({"t": now, "unit": unit, "kind": "breaker", "target": name, "new": state})
+            view.breakers[name] = state
+        for ts, e in switches:
+            self.timeline.append({"t": ts, "unit": unit, "kind": "active", "from": e.get("from"), "to": e.get("to"),
                                   "reason": str(e.get("reason", ""))[:160]})
-            switched = True
         active = body.get("active_source")
-        if active != view.active and not switched and view.polls > 1:
+        if active != view.active and not switches and view.polls > 1:
             # A switch the event log no longer shows (more events than it keeps): the poll's time will do.
             self.timeline.append({"t": now, "unit": unit, "kind": "active", "from": view.active, "to": active})
         view.active = active

@@ -196,8 +196,11 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         c = r["checker"]
         (fo,) = c["failover"]["phases"]
         assert (fo["units"], fo["detected"], fo["switched"], fo["failed_back"]) == (2, 2, 2, 2)
-        # Switch times come from the nodes' event logs; a breaker's opening is seen by polling (every 0.2 s).
-        assert 0 < fo["switch_s"]["max"] < 3.0 and 0 < fo["detect_s"]["max"] < 3.0 + 0.5
+        # Switch times come from the nodes' event logs; a breaker's opening is seen by polling, or taken from
+        # the switch it caused when that came first.
+        assert 0 < fo["switch_s"]["max"] < 3.0
+        for unit, per in fo["per_unit"].items():
+            assert 0 < per["detect_s"] <= per["switch_s"] + 0.05, (unit, per)
         assert set(c["lag"]) == {"national", "city"} and c["lag"]["national"]["seconds"]["n"] > 10
         # Dossiers taken at the desks during the outage waited for the national portal, then drained.
         assert c["lag"]["national"]["peak_backlog"] >= 2 and c["lag"]["national"]["drain_s"] is not None
