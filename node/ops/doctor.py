@@ -80,17 +80,28 @@ def check_data_dir(config: Config) -> Check:
     if not os.access(d, os.R_OK | os.W_OK | os.X_OK):
         return Check("data directory", FAILURE, f"{d} is not writable by this user (uid {os.getuid()})",
                      f"run as the service's user (sudo -u wardsync ...) or chown -R wardsync:wardsync {d}")
-    problems = []
-    for p in [d, *(d / n for n in ("wardsync.sqlite3", "wardsync.sqlite3-wal") if (d / n).exists())]:
-        mode = p.stat().st_mode
-        if p.is_file() and not os.access(p, os.R_OK | os.W_OK):
+    writable, readable = [], []
+    files = [d / n for n in ("wardsync.sqlite3", "wardsync.sqlite3-wal") if (d / n).exists()]
+    for p in files:
+        if not os.access(p, os.R_OK | os.W_OK):
             return Check("data directory", FAILURE, f"{p} is not readable and writable by this user",
                          f"chown wardsync:wardsync {p}")
-        if mode & stat.S_IRWXO:
-            problems.append(f"{p} is open to all users (mode {stat.S_IMODE(mode):o})")
-    if problems:
-        return Check("data directory", WARNING, "; ".join(problems) + ": it holds citizens' data",
-                     f"chmod -R o-rwx {d}")
+    # SQLite creates its files 0644: harmless while the directory keeps other users out (no o+x).
+    reachable = bool(d.stat().st_mode & stat.S_IXOTH)
+    for p in [d, *(files if reachable else [])]:
+        mode = p.stat().st_mode
+        shown = f"{p} (mode {stat.S_IMODE(mode):o})"
+        if mode & stat.S_IWOTH:
+            writable.append(shown)
+        elif mode & stat.S_IRWXO:
+            readable.append(shown)
+    if writable:
+        # Any local user could replace the store or plant a file the node then trusts.
+        return Check("data directory", FAILURE, f"writable by every user: {'; '.join(writable)}: any local"
+                     " account can replace or delete the store", f"chmod -R o-rwx {d}")
+    if readable:
+        return Check("data directory", WARNING, f"open to all users: {'; '.join(readable)}: it holds citizens'"
+                     " data", f"chmod -R o-rwx {d}")
     return Check("data directory", OK, f"{d} is writable and closed to other users")
 
 
@@ -230,14 +241,29 @@ async def check_upstream(up: Upstream, t: Thresholds) -> Check:
         return Check(up.name, FAILURE, f"no answer within {t.timeout_s:g} s",
                      f"check {section} url, the network and the firewall; the node keeps accepting meanwhile")
     except UpstreamError as exc:
-        if exc.op == "login" or exc.status in (401, 403) or (not exc.retriable and exc.status is None):
+        # A refusal is an answer: a 401/403, or the portal's own "login refused". A login that never got an
+        # answer (connection, certificate, timeout) says nothing about the password.
+        if exc.status in (401, 403) or (exc.op == "login" and not exc.retriable and exc.status is None):
             return Check(up.name, FAILURE, f"credentials refused: {exc}",
                          f"fix {section} {secret} (or WARDSYNC_TARGETS_{up.name.upper()}_*), then reload: "
                          "systemctl reload wardsync")
+        if _tls_failure(exc):
+            return Check(up.name, FAILURE, f"TLS handshake failed: {exc}",
+                         f"see the certificate ({up.name}) check; check {section} ca_bundle and this server's clock")
         if exc.status is None:
             return Check(up.name, FAILURE, f"unreachable: {exc}", f"check {section} url, DNS, routes and firewall")
         return Check(up.name, FAILURE, f"answers but fails: {exc}", "ask the upstream's operator; the node retries")
     return Check(up.name, OK, "reachable, credentials accepted")
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether a certificate or handshake error is behind ``exc`` (its chain of causes)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError | ssl.CertificateError | aiohttp.ClientSSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _cert_expiry(der: bytes) -> datetime:
@@ -320,13 +346,15 @@ _STYLE = {OK: "green", WARNING: "yellow", FAILURE: "bold red"}
 
 def print_table(checks: list[Check]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="wardsync doctor")
     for col in ("check", "status", "detail", "fix"):
         table.add_column(col, overflow="fold")
     for c in checks:
-        table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.detail, c.fix)
+        # Escaped: "[targets.national]" in a fix would otherwise be taken for a style tag and vanish.
+        table.add_row(escape(c.name), f"[{_STYLE[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
     console = Console(width=None if os.isatty(1) else 160)
     console.print(table)
     failed = sum(c.status == FAILURE for c in checks)
