@@ -144,6 +144,7 @@ def _document_paths() -> dict[str, Any]:
         "/api/v1/dossiers/{code}/documents": {
             "post": {
                 "summary": "Upload a submitted document (multipart, streamed, stored by sha256); added to TaiLieuNop",
+                "description": "Roles clerk or operator. DuongDanTaiTepTin is built from [node] public_url.",
                 "parameters": [_CODE, _IDEM],
                 "requestBody": {"required": True, "content": form},
                 "responses": {
@@ -155,6 +156,7 @@ def _document_paths() -> dict[str, Any]:
             },
             "get": {
                 "summary": "The dossier's documents, each with whether this node holds its file (stored)",
+                "description": "Roles clerk, operator, peer or read-only.",
                 "parameters": [_CODE],
                 "responses": {
                     "200": {
@@ -169,6 +171,8 @@ def _document_paths() -> dict[str, Any]:
             "get": {
                 "summary": "A document's file; Range requests get 206 (a broken fetch resumes); "
                 "Repr-Digest has its hash",
+                "description": "Roles clerk, operator or peer (other nodes and the upstreams follow "
+                "DuongDanTaiTepTin with a peer token).",
                 "parameters": [_CODE, sha],
                 "responses": {
                     "200": {"description": "The file", "content": binary},
@@ -184,6 +188,7 @@ def _document_paths() -> dict[str, Any]:
             "get": {
                 "summary": "Printable receipt (phiếu tiếp nhận và hẹn trả kết quả): HTML, or PDF with ?format=pdf "
                 "or Accept: application/pdf",
+                "description": "Roles clerk or operator. The dossier code as a QR code, and the due date (NgayHenTra).",
                 "parameters": [_CODE, {"name": "format", "in": "query", "schema": {"enum": ["html", "pdf"]}}],
                 "responses": {
                     "200": {
