@@ -7,6 +7,8 @@ Inventory format, one ``[[unit]]`` table per node::
     url = "http://127.0.0.1:8080"        # the node's base URL
     token = "..."                        # bearer token, or instead:
     # token_env = "WARDSYNC_TOKEN_26743" # name of an environment variable holding it
+
+An optional ``[portal]`` table is for live drills (``simulations/live.py``) and is not read here.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def parse_inventory(data: Mapping[str, Any], *, path: str | Path = "<inventory>"
     environ = os.environ if env is None else env
     problems: list[str] = []
     for key in data:
-        if key != "unit":
+        # [portal] names the national portal for live drills (simulations/live.py); the dashboard ignores it.
+        if key not in ("unit", "portal"):
             problems.append(f"{key}: unknown top-level key (write one [[unit]] table per node)")
     entries = data.get("unit", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):

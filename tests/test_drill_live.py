@@ -16,8 +16,17 @@ import pytest
 
 from node.app import Node
 from node.config import DEMO_PASSWORD, DEMO_USERNAME, load_config
+from node.fleet import load_inventory
 from simulations.drill import load_scenario
-from simulations.live import LiveOptions, LiveScenarioError, abort, live_phases, main, run_live
+from simulations.live import (
+    LiveOptions,
+    LiveScenarioError,
+    abort,
+    live_phases,
+    load_live_inventory,
+    main,
+    run_live,
+)
 from simulations.report import write_report
 from tests.conftest import running_node, valid_intake
 from tests.opshelp import wait_synced
@@ -135,6 +144,18 @@ def test_the_command_refuses_before_touching_anything(tmp_path: Path, capsys: py
     assert main(["abort", "--fleet", str(inv)]) == 2
     err = capsys.readouterr().err
     assert "portal.username: required" in err and "portal.password" in err
+
+
+def test_one_inventory_serves_the_dashboard_and_live_drills(tmp_path: Path) -> None:
+    inv = tmp_path / "fleet.toml"
+    inv.write_text('[[unit]]\nunit = "26743"\nurl = "http://127.0.0.1:9"\ntoken = "t"\n\n[portal]\n'
+                   'url = "http://127.0.0.1:10/"\nusername = "dx"\npassword_env = "P"\ndstcode = "000.00.17.H29"\n',
+                   encoding="utf-8")
+    assert [n.unit for n in load_inventory(inv)] == ["26743"]
+    live = load_live_inventory(inv, env={"P": "secret"})
+    assert live.portal is not None and live.portal.url == "http://127.0.0.1:10"
+    assert (live.portal.password, live.portal.madonvi) == ("secret", "000.00.17.H29")
+    assert "secret" not in repr(live.portal)
 
 
 async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
