@@ -16,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import structlog
@@ -56,6 +57,21 @@ def _retriable(exc: BaseException) -> bool:
     if isinstance(exc, FetchError):
         return exc.retriable
     return isinstance(exc, aiohttp.ClientError | TimeoutError | ConnectionError)
+
+
+def _document_link(url: str, code: str, sha: str) -> bool:
+    """Whether ``url`` is a node's link to this very document (``.../api/v1/dossiers/{code}/documents/{sha}``).
+
+    The fetcher sends its peer token with the request: a record that names some other address (altered by
+    a peer or an upstream) must not make it hand the token to that address.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        return False
+    return parts.path.endswith(f"/api/v1/dossiers/{quote(code, safe='')}/documents/{sha}")
 
 
 class _Progress:
@@ -155,7 +171,7 @@ class Fetcher:
             opened = self.store.sealer.record(str(code), record) if record is not None else None
             for d in _stored(json.loads(opened)) if opened else ():
                 sha, url, size = d[HASH_FIELD], d.get(URL_FIELD), d.get(SIZE_FIELD)
-                if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+                if not isinstance(url, str) or not _document_link(url, str(code), sha):
                     continue
                 if isinstance(size, bool) or not isinstance(size, int | float) or size < 0:
                     continue
@@ -242,7 +258,8 @@ class Fetcher:
         offset = partial.size
         if offset:
             headers["Range"] = f"bytes={offset}-"
-        async with self._session().get(url, headers=headers) as resp:
+        # No redirects: the token is for the node the link names, nobody it might send the fetch on to.
+        async with self._session().get(url, headers=headers, allow_redirects=False) as resp:
             if resp.status == 200 and offset:
                 partial.restart()  # the server ignored the range: take the whole file again
             elif resp.status == 206:

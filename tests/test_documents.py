@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from node.app import Node
 from node.config import load_config, render_config
@@ -30,6 +31,7 @@ from node.documents import CHUNK_BYTES
 from node.fetcher import FetchSettings
 from node.service import Merge
 from simulations.chaos_proxy import ChaosProxy, ModeError, parse_mode
+from sync import doc as ydoc
 from tests.conftest import make_config, provision_token, running_node, valid_intake
 from tests.test_failover import FAST
 from tests.upstreams import Upstreams, running_upstreams, target_overrides
@@ -238,6 +240,64 @@ class TestFetch:
                 assert not on_disk(b_node, sha).exists()
                 assert pending[0]["attempts"] == 1 and "401" in pending[0]["last_error"]
                 assert pending[0]["next_at"] > b_node.clock.ms()
+
+
+class TestLinksTheFetcherFollows:
+    """The fetcher sends its peer token only to a node's link for that very document, and never on."""
+
+    async def test_other_addresses_and_redirects_get_no_token(self, tmp_path: Path) -> None:
+        seen: list[str] = []
+
+        async def steal(request: web.Request) -> web.Response:
+            seen.append(request.headers.get("Authorization", ""))
+            return web.Response(body=b"0123456789")
+
+        async def moved(request: web.Request) -> web.Response:
+            raise web.HTTPFound("/steal")
+
+        trap = web.Application()
+        trap.router.add_get("/steal", steal)
+        trap.router.add_get("/api/v1/dossiers/{code}/documents/{sha}", moved)
+        runner = web.AppRunner(trap)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        trap_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with running_node(make_config(tmp_path / "a")) as a:
+                a_node = a[0]
+                code = await create(a, MaDonViXuLy=B_UNIT)
+                row = await a_node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+                # The record as a peer or an upstream could have altered it: two entries naming the trap.
+                doc = ydoc.load_doc(code, bytes(row[0]), 4242)
+                elsewhere, redirected = hashlib.sha256(b"a").hexdigest(), hashlib.sha256(b"b").hexdigest()
+                links = {
+                    elsewhere: f"{trap_url}/steal",
+                    redirected: f"{trap_url}/api/v1/dossiers/{code}/documents/{redirected}",
+                }
+
+                def add(d: Any) -> None:
+                    for sha, url in links.items():
+                        ydoc.add_document(d, {"TepDinhKemId": sha, "TenTepDinhKem": "x.pdf", "DuocSoHoa": 0,
+                                              "Sha256": sha, "KichThuoc": 10, "DuongDanTaiTepTin": url})
+
+                ydoc.change(doc, add)
+                b_config = load_config(env={}, overrides={"node": {
+                    "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
+                    "data_dir": str(tmp_path / "b"), "peer_token": "ws_secret_peer_token"}})
+                async with running_node(b_config) as b:
+                    b_node = b[0]
+                    b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
+                    result = await b_node.service.merge(Merge(code, doc.get_update(), origin="city"))
+                    assert result.status in (200, 201)
+                    await b_node.fetcher.run_once()
+                    pending = {p["sha256"]: p for p in await b_node.fetcher.pending()}
+                    # Not a document link: never queued. A link that redirects: tried, not followed.
+                    assert set(pending) == {redirected}
+                    assert "302" in pending[redirected]["last_error"]
+                    assert seen == []
+        finally:
+            await runner.cleanup()
 
 
 class TestEncryptedStores:
