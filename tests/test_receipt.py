@@ -142,3 +142,14 @@ class TestReceipt:
                 assert r.status == 200 and r.content_type == "application/pdf"
                 text, _ = pdf_text_and_pages(await r.read(), tmp_path)
             assert code in text and DUE in text
+
+    async def test_boundary_free_dossier_names_the_competent_unit(self, tmp_path: Path) -> None:
+        async with running_node(make_config(tmp_path)) as (_, url, s):
+            async with s.post(f"{url}/api/v1/dossiers", json=valid_intake(MaDonViXuLy="26740")) as r:
+                code = (await r.json())["MaHoSo"]
+            async with s.get(f"{url}/api/v1/dossiers/{code}/receipt") as r:
+                html = await r.text()
+            assert "đơn vị giải quyết:\nPhường Sài Gòn." in html
+            async with s.get(f"{url}/api/v1/dossiers/{code}/receipt?format=pdf") as r:
+                text, _ = pdf_text_and_pages(await r.read(), tmp_path)
+            assert "Phường Sài Gòn" in text and "Phường Bến Thành" in text
