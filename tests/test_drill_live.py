@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -64,8 +66,8 @@ label = "city forced"
 
 
 @contextlib.asynccontextmanager
-async def live_fleet(tmp_path: Path) -> AsyncIterator[tuple[Upstreams, list[tuple[Node, str, aiohttp.ClientSession]],
-                                                           list[str]]]:
+async def live_fleet(tmp_path: Path, *, max_attempts: int = 50) -> AsyncIterator[
+        tuple[Upstreams, list[tuple[Node, str, aiohttp.ClientSession]], list[str]]]:
     """Both stand-ins, a node per FLEET unit, and a drill token (drill and read-only roles) for each."""
     async with running_upstreams(tmp_path / "ups") as ups, contextlib.AsyncExitStack() as stack:
         nodes = []
@@ -73,6 +75,7 @@ async def live_fleet(tmp_path: Path) -> AsyncIterator[tuple[Upstreams, list[tupl
         for unit, agency in FLEET:
             overrides = target_overrides(ups)
             overrides["targets.national"] |= {"dstcode": agency, "madonvi": agency}
+            overrides["replication"] |= {"max_attempts": max_attempts}
             config = load_config(env={}, overrides={
                 "node": {"unit": unit, "agency_code": agency, "listen": "127.0.0.1:0",
                          "data_dir": str(tmp_path / unit)},
@@ -231,7 +234,8 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert (sample["sampled"], sample["expected"], sample["found"], sample["missing"], sample["different"],
                 sample["errors"]) == (10, 10, 10, 0, 0, 0)
         assert c["lost"] == 0 and c["converged"] is True and c["left_open"] == []
-        assert r["invariants"] == {"lost": True, "converged": True, "restored": True, "switched": True}
+        assert r["invariants"] == {"dead_letters": True, "converged": True, "restored": True, "switched": True,
+                                   "lost": True}
         assert r["ok"] is True and r["mode"] == "live fleet" and r["timings"]["drain_s"] >= 0
         active = [e for e in r["timeline"] if e["kind"] == "active"]
         assert {(e["unit"], e["to"]) for e in active} == {(u, t) for u, _ in FLEET for t in ("city", "national")}
@@ -250,12 +254,55 @@ async def test_live_national_outage(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert took < 20, f"the live drill took {took:.1f} s"
 
 
+async def test_the_checker_finds_a_record_the_portal_lost_and_new_parked_dossiers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DRILL_PORTAL_PASSWORD", DEMO_PASSWORD)
+    async with live_fleet(tmp_path, max_attempts=3) as (ups, nodes, tokens):
+        (node_a, url_a, s_a), _b = nodes
+        codes = []
+        for i in range(3):
+            async with s_a.post(f"{url_a}/api/v1/dossiers", json=valid_intake(ChuHoSo=f"Người dân {i}")) as r:
+                assert r.status == 201, await r.text()
+                codes.append((await r.json())["MaHoSo"])
+        await wait_synced(node_a)
+        # The portal loses the newest record (restored from an older backup, say); the node still holds its ack.
+        db = sqlite3.connect(tmp_path / "ups" / "national" / "national_portal.sqlite3")
+        with db:
+            db.execute("DELETE FROM steps WHERE code = ?", (codes[-1],))
+            assert db.execute("DELETE FROM dossiers WHERE code = ?", (codes[-1],)).rowcount == 1
+        db.close()
+        inv = write_inventory(tmp_path / "fleet.toml", ups, nodes, tokens)
+        drill = asyncio.create_task(run_live(LiveOptions(
+            inventory=inv, scenario=load_scenario("national-outage"), minutes=0.1, poll_s=0.2, settle_s=30.0)))
+        await asyncio.sleep(0.3)
+        # While the drill runs, the city system refuses every record: the node parks the dossier taken now.
+        await ups.fault("city", mode="partial", rate=1.0)
+        async with s_a.post(f"{url_a}/api/v1/dossiers", json=valid_intake(ChuHoSo="Khách cuối")) as r:
+            assert r.status == 201, await r.text()
+            parked = (await r.json())["MaHoSo"]
+        r = await drill
+        await ups.clear("city")
+        c = r["checker"]
+        assert (c["lost"], c["lost_checked"]) == (1, True)
+        assert c["examples"]["lost"][0]["code"] == codes[-1]
+        assert c["dead_letters"]["city"] == {"before": 0, "after": 1, "new": 1}
+        assert c["new_dead_letters"] == 1 and c["examples"]["dead_letters"][0]["unit"] == FLEET[0][0]
+        async with s_a.get(f"{url_a}/api/v1/dead-letters", params={"target": "city"}) as resp:
+            assert parked in json.dumps(await resp.json())
+        assert r["invariants"]["lost"] is False and r["invariants"]["dead_letters"] is False
+        assert r["invariants"]["restored"] is True and r["ok"] is False
+        md = write_report(r, tmp_path / "report")["md"].read_text(encoding="utf-8")
+        assert "FAILED: an invariant is violated" in md
+        assert "| new dead or parked dossiers | 1 | VIOLATED |" in md
+
+
 async def test_a_live_drill_without_a_portal_skips_the_sample(tmp_path: Path) -> None:
     async with live_fleet(tmp_path) as (ups, nodes, tokens):
         inv = write_inventory(tmp_path / "fleet.toml", ups, nodes, tokens, portal=False)
         sc = load_scenario("city-outage")
         r = await run_live(LiveOptions(inventory=inv, scenario=sc, minutes=0.1, poll_s=0.2, settle_s=30.0))
         assert r["checker"]["portal_sample"]["status"] == "skipped"
+        assert "lost" not in r["invariants"] and r["checker"]["lost_checked"] is False
         assert "no national portal" in r["checker"]["portal_sample"]["reason"]
         # A city outage is no failover: nobody leaves the national portal.
         assert r["checker"]["failover"]["phases"] == []
