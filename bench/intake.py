@@ -250,7 +250,7 @@ def run_load(server: subprocess.Popen[Any], url: str, args: argparse.Namespace, 
     return result
 
 
-# -- the three servers ---------------------------------------------------------------------------------
+# -- the servers -------------------------------------------------------------------------------------------
 def wardsync_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "wardsync"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "node"]
