@@ -312,7 +312,38 @@ async def test_a_live_drill_without_a_portal_skips_the_sample(tmp_path: Path) ->
             assert await windows(s, url) == []
 
 
-async def test_abort_ends_what_an_interrupted_drill_left_open(tmp_path: Path) -> None:
+async def until_held_open(nodes: list[Any], running: Any) -> None:
+    """Until every node has a fault window open and a forced choice (``running()`` false: the drill ended)."""
+    deadline = time.monotonic() + 20
+    while True:
+        states = [(await windows(s, url), (await status(s, url))["forced"]) for _n, url, s in nodes]
+        if all(w and f for w, f in states):
+            return
+        assert running(), "the drill ended early"
+        assert time.monotonic() < deadline, f"the drill did not open its windows: {states}"
+        await asyncio.sleep(0.1)
+
+
+async def test_an_interrupted_drill_ends_what_it_opened(tmp_path: Path) -> None:
+    async with live_fleet(tmp_path) as (ups, nodes, tokens):
+        inv = write_inventory(tmp_path / "fleet.toml", ups, nodes, tokens, portal=False)
+        scenario = tmp_path / "hold-open.toml"
+        scenario.write_text(HOLD_OPEN, encoding="utf-8")
+        # Ctrl-C (SIGINT) cancels the drill's task, in asyncio.run and in wardsync drill alike.
+        task = asyncio.create_task(run_live(LiveOptions(inventory=inv, scenario=load_scenario(str(scenario)),
+                                                        poll_s=0.2)))
+        await until_held_open(nodes, lambda: not task.done())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _node, url, s in nodes:
+            assert await windows(s, url) == []
+            st = await status(s, url)
+            assert st["forced"] is None
+            assert any(e["kind"] == "forced_released" for e in st["events"])
+
+
+async def test_abort_ends_what_a_killed_drill_left_open(tmp_path: Path) -> None:
     async with live_fleet(tmp_path) as (ups, nodes, tokens):
         inv = write_inventory(tmp_path / "fleet.toml", ups, nodes, tokens, portal=False)
         scenario = tmp_path / "hold-open.toml"
@@ -320,16 +351,9 @@ async def test_abort_ends_what_an_interrupted_drill_left_open(tmp_path: Path) ->
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "simulations.live", "run", "--fleet", str(inv), "--scenario", str(scenario),
-            "--poll", "0.2", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+            "--poll", "0.2", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                states = [(await windows(s, url), (await status(s, url))["forced"]) for _n, url, s in nodes]
-                if all(w and f for w, f in states):
-                    break
-                assert proc.returncode is None, "the drill ended early"
-                assert time.monotonic() < deadline, f"the drill did not open its windows: {states}"
-                await asyncio.sleep(0.1)
+            await until_held_open(nodes, lambda: proc.returncode is None)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()  # a runner that dies hard cleans nothing up
