@@ -558,28 +558,38 @@ class LegacyCheck:
         A lookup that fails (an :class:`adapters.base.UpstreamError`) leaves the whole batch held: the
         loop backs off and asks again.
         """
-        rows = await self.store.fetchall(
-            "SELECT r.code, d.record FROM replication r LEFT JOIN dossiers d ON d.code = r.code"
-            " WHERE r.target = ? AND r.state = ? ORDER BY r.code LIMIT ?",
-            (TARGET, HELD, self.batch),
-        )
+        if not await self.store.fetchone(
+            "SELECT 1 FROM replication WHERE target = ? AND state = ? LIMIT 1", (TARGET, HELD)
+        ):
+            return False
+        batch = self.batch
+
+        def claim(conn: sqlite3.Connection) -> list[Any]:
+            # Read on the writer: the reader may still show a dossier this loop has just released.
+            return conn.execute(
+                "SELECT r.code, d.state, d.record FROM replication r LEFT JOIN dossiers d ON d.code = r.code"
+                " WHERE r.target = ? AND r.state = ? ORDER BY r.code LIMIT ?",
+                (TARGET, HELD, batch),
+            ).fetchall()
+
+        rows = await self.store.write(claim)
         if not rows:
             return False
-        orphans = [str(code) for code, record in rows if record is None]
+        orphans = [str(code) for code, _, record in rows if record is None]
         if orphans:
             await _unhold(self.store, orphans)
-        held = [(str(code), record) for code, record in rows if record is not None]
+        held = [(str(code), state, record) for code, state, record in rows if record is not None]
         # Looked up together (the adapter bounds the calls in flight); merged and released one by one.
-        found = await asyncio.gather(*(self.portal.fetch(code, None) for code, _ in held))
-        for (code, record), fetched in zip(held, found, strict=True):
+        found = await asyncio.gather(*(self.portal.fetch(code, None) for code, _, _ in held))
+        for (code, state, record), fetched in zip(held, found, strict=True):
             local = json.loads(self.store.sealer.record(code, record))
             remote = dict(fetched.record) if fetched is not None and fetched.record is not None else None
-            await self._check(code, local, remote)
+            await self._check(code, self.store.sealer.state(code, state), local, remote)
         if self.wake is not None:
             self.wake.set()
         return len(rows) >= self.batch
 
-    async def _check(self, code: str, local: dict[str, Any], remote: dict[str, Any] | None) -> None:
+    async def _check(self, code: str, state: bytes, local: dict[str, Any], remote: dict[str, Any] | None) -> None:
         if remote is None:
             await self._release(code, None, None)
             return
@@ -592,8 +602,6 @@ class LegacyCheck:
             return
         # The units are this node's mapping of the old ones: the portal's (old) codes must not win them back.
         incoming = {k: v for k, v in remote.items() if k not in (RECEIVING_FIELD, COMPETENT_FIELD)}
-        row = await self.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
-        state = self.store.sealer.state(code, row[0]) if row is not None else None
         update = portal_update(
             code, state, local, None, incoming, client_id=self.portal_client_id, hlc=self.service.hlc
         )
@@ -606,15 +614,17 @@ class LegacyCheck:
         at = iso(self.clock.now())
         state = "dead" if dead else "pending"
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
+        def write(conn: sqlite3.Connection) -> int:
+            return conn.execute(
                 "UPDATE replication SET state = ?, digest = (SELECT digest FROM dossiers WHERE code = ?),"
                 " acked_digest = NULL, ack = ?, attempts = 0, last_error = ?, next_at = 0, updated_at = ?"
                 " WHERE target = ? AND code = ? AND state = ?",
                 (state, code, ack, dead, at, TARGET, code, HELD),
-            )
+            ).rowcount
 
-        await self.store.write(write)
+        if not await self.store.write(write):
+            log.warning("legacy_check_raced", target=TARGET, code=code)
+            return
         if not dead:
             self.released += 1
         log.info("legacy_checked", target=TARGET, code=code, outcome=state, on_portal=ack is not None)

@@ -138,11 +138,14 @@ def _render(result: dict[str, Any], summary: Any, console: Console) -> None:
         f" rejected {result['rejected']}"
     )
     for r in sorted(summary.rejected, key=lambda r: r.line)[:10]:
-        console.print(f"  line {r.line} {r.code or '(no code)'}: {r.reason}", markup=False, highlight=False)
+        line = f"  line {r.line} {r.code or '(no code)'}: {r.reason}"
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     if len(summary.rejected) > 10:
         console.print(f"  … and {len(summary.rejected) - 10} more")
     if "rejects_file" in result:
-        console.print(f"rejected rows and their reasons: {result['rejects_file']}", markup=False, highlight=False)
+        console.print(
+            f"rejected rows and their reasons: {result['rejects_file']}", markup=False, highlight=False, soft_wrap=True
+        )
     if result["imported"] and not result["dry_run"]:
         console.print(
             "the node looks each imported dossier up on the national portal before pushing it there", highlight=False
