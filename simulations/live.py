@@ -451,8 +451,8 @@ class LiveDrill:
                 if not 200 <= s < 300]
 
     def settled(self) -> bool:
-        """Every node reachable, back on its primary, no forced choice, no backlog on any target."""
-        for v in self.views.values():
+        """Every node reachable at the start is reachable, back on its primary, unforced, without backlog."""
+        for v in (self.views[u] for u in self.baseline):
             st = v.status
             if v.error is not None or st is None:
                 return False
@@ -478,7 +478,11 @@ class LiveDrill:
                     self.errors.append(f"{u}: unreachable at the start: {v.error}")
             self.lag.clear()
             self.timeline.clear()
-            healthy = len(self.baseline) == len(self.views) and all(_healthy(st) for st in self.baseline.values())
+            unwell = [u for u, st in self.baseline.items() if not _healthy(st)]
+            if unwell:
+                self.errors.append(f"not on their primary with closed breakers and no drill open at the start: "
+                                   f"{', '.join(unwell)}")
+            healthy = len(self.baseline) == len(self.views) and not unwell
             self.timings["startup_s"] = round(time.monotonic() - t_start, 2)
             stop = asyncio.Event()
             poller = asyncio.create_task(self.polling(http, stop, progress))

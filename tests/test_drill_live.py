@@ -307,9 +307,22 @@ async def test_a_live_drill_without_a_portal_skips_the_sample(tmp_path: Path) ->
         # A city outage is no failover: nobody leaves the national portal.
         assert r["checker"]["failover"]["phases"] == []
         assert not [e for e in r["timeline"] if e["kind"] == "active"]
-        assert r["ok"] is True
+        assert r["ok"] is True and r["fleet_healthy_at_start"] is True and r["errors"] == []
         for _node, url, s in nodes:
             assert await windows(s, url) == []
+
+        # A unit the runner cannot reach fails the drill, without holding up the others' settling.
+        gone = write_inventory(tmp_path / "gone.toml", ups, nodes, tokens, portal=False,
+                               extra='[[unit]]\nunit = "25760"\nurl = "http://127.0.0.1:9"\ntoken = "t"\n')
+        started = time.monotonic()
+        r = await run_live(LiveOptions(inventory=gone, scenario=sc, minutes=0.1, poll_s=0.2, settle_s=30.0))
+        assert time.monotonic() - started < 20
+        (phase,) = r["phases"]
+        assert phase["calls"] == 3 and [f.split(":")[:2] for f in phase["failed"]] == [["25760", " unreachable"]]
+        assert r["fleet_healthy_at_start"] is False
+        assert any(e.startswith("25760: unreachable at the start") for e in r["errors"])
+        assert r["invariants"]["restored"] is False and r["invariants"]["converged"] is False and r["ok"] is False
+        assert [x["unit"] for x in r["checker"]["left_open"]] == ["25760"]
 
 
 async def until_held_open(nodes: list[Any], running: Any) -> None:
