@@ -80,7 +80,11 @@ def classify(exc: BaseException) -> StoreError:
     full = isinstance(exc, sqlite3.OperationalError) and (
         "full" in str(exc).lower() or getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     )
-    msg = "the disk holding the store is full" if full else f"store write failed: {exc}"
+    msg = (
+        "the disk holding the store is full; nothing of this request was written: free space, then send it again"
+        if full
+        else f"store write failed: {exc}"
+    )
     return StoreError(msg, disk_full=full)
 
 

@@ -330,7 +330,7 @@ class TestDiskFullEveryRoute:
                         break
                 assert status == 507, (route, reply)
                 assert reply["error"]["code"] == "insufficient_storage", reply
-                assert "full" in reply["error"]["message"], reply
+                assert "full" in reply["error"]["message"] and "nothing" in reply["error"]["message"], reply
                 assert await read(running, code) == before, route
 
             # The same Idempotency-Key, refused while full, is honoured once space returns (not replayed).
