@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
 import sqlite3
@@ -378,12 +379,9 @@ async def test_abort_ends_what_a_killed_drill_left_open(tmp_path: Path) -> None:
             st = await status(s, url)
             assert st["forced"]["source"] == "city" and st["active_source"] == "city"
 
-        done = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "simulations.live", "abort", "--fleet", str(inv), cwd=ROOT, env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await done.communicate()
-        assert done.returncode == 0, err.decode()
-        lines = out.decode().splitlines()
+        out = io.StringIO()
+        assert await asyncio.to_thread(abort, inv, out=out) == 0
+        lines = out.getvalue().splitlines()
         assert sorted(lines[:2]) == sorted(f"{u} {n}: ok, 1 fault window closed, source automatic"
                                            for u, n in (("26743", "Phường Bến Thành"), ("25747", "Phường Thủ Dầu Một")))
         assert lines[2] == "2/2 units restored"
@@ -397,15 +395,9 @@ async def test_abort_ends_what_a_killed_drill_left_open(tmp_path: Path) -> None:
         bad = write_inventory(tmp_path / "bad.toml", ups, nodes, tokens, portal=False, extra=(
             f'[[unit]]\nunit = "25750"\nurl = "{nodes[0][1]}"\ntoken = "wst_not-a-token"\n\n'
             '[[unit]]\nunit = "25760"\nurl = "http://127.0.0.1:9"\ntoken = "t"\n'))
-        lines = []
-
-        class Out:
-            def write(self, text: str) -> None:
-                lines.append(text)
-
-        rc = await asyncio.to_thread(abort, bad, out=Out())
-        assert rc == 1
-        text = "".join(lines)
+        out = io.StringIO()
+        assert await asyncio.to_thread(abort, bad, out=out) == 1
+        text = out.getvalue()
         assert "25750 Phường Phú Lợi: FAILED: fault windows: HTTP 401" in text
         assert "25760 Phường Bình Dương: FAILED: fault windows: unreachable" in text
         assert "2/4 units restored, 2 FAILED" in text
