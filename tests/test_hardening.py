@@ -16,7 +16,9 @@ here; this file covers what they leave open:
 * upstream TLS verification switched off is never silent in ``wardsync doctor`` either (tests/test_tls.py
   covers the warning at start and /api/v1/status);
 * the keyring of an installed node (README, deploy/install.sh): written by root next to the configuration,
-  it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it.
+  it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it;
+* (slow) the intake benchmark's encryption-at-rest mode end to end: both node runs, their stores sealed
+  and clear as configured, and the sealed/clear ratios reported.
 """
 
 from __future__ import annotations
@@ -518,3 +520,31 @@ class TestInstalledKeyring:
 
         finally:
             shutil.rmtree(base, ignore_errors=True)
+
+
+# -- the intake cost of encryption at rest (bench/intake.py --at-rest) -------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_intake_benchmark_measures_sealed_against_clear(tmp_path: Path) -> None:
+    """``bench/intake.py --at-rest`` runs the node with and without a keyring and reports the ratios."""
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "intake.py"), "--at-rest", "--seconds", "1.5", "--warmup", "0.5",
+         "--clients", "4", "--json", "--check", "--tmp-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=280, cwd=root, check=False,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr[-2000:]  # 1: a throughput or p99 target missed, not a failure
+    report = json.loads(done.stdout)
+    assert list(report["servers"]) == ["node-clear", "node"]
+    clear, sealed = report["servers"]["node-clear"], report["servers"]["node"]
+    assert clear["at_rest"]["sealed_values"] == 0 and clear["at_rest"]["clear_values"] > 0
+    assert sealed["at_rest"]["clear_values"] == 0 and sealed["at_rest"]["sealed_values"] > 0
+    assert clear["durable_ok"] and sealed["durable_ok"]
+    at_rest = report["at_rest"]
+    assert at_rest["store_ok"] and len(at_rest["rounds"]) == 1
+    ratio = at_rest["rounds"][0]["sealed_over_clear"]
+    assert ratio["accepts_per_s"] == round(sealed["accepts_per_s"] / clear["accepts_per_s"], 3)
+    assert at_rest["median_sealed_over_clear"] == ratio
+    assert list(tmp_path.iterdir()) == []  # every temporary directory removed
