@@ -31,6 +31,8 @@ log = structlog.get_logger()
 
 ROLES: tuple[str, ...] = ("clerk", "operator", "drill", "peer", "read-only")
 TOKEN_PREFIX = "wst_"
+# The shortest token `wardsync token add` registers: a made token is 47 characters.
+MIN_TOKEN_CHARS = 32
 SESSION_COOKIE = "wardsync_session"
 CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -143,9 +145,21 @@ class Auth:
 
     async def create_token(self, roles: str | Iterable[str], name: str = "") -> str:
         """Make a token holding ``roles``; store its hash; return the token (shown once, never stored)."""
-        wanted = parse_roles(roles)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        await self.add_token(token, roles, name)
+        return token
+
+    async def add_token(self, token: str, roles: str | Iterable[str], name: str = "") -> int:
+        """Register a token made elsewhere (one peer token shared by every unit's node); its id.
+
+        Raises ValueError for a token too short to be a secret or one this node already holds.
+        """
+        wanted = parse_roles(roles)
+        if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+            raise ValueError(f"a token must be at least {MIN_TOKEN_CHARS} characters without spaces")
         digest = token_hash(token)
+        if await self.store.fetchone("SELECT 1 FROM tokens WHERE hash = ?", (digest,)) is not None:
+            raise ValueError("this token is already registered on this node (see 'wardsync token list')")
         label = name or ",".join(wanted)
         at = iso(self.clock.now())
 
@@ -159,7 +173,7 @@ class Auth:
         token_id = await self.store.write(insert)
         self._cache[digest] = (Principal(token_id, label, frozenset(wanted)), self._now())
         log.info("token_created", token_id=token_id, name=label, roles=wanted)
-        return token
+        return token_id
 
     async def revoke(self, token_id: int) -> bool:
         at = iso(self.clock.now())
@@ -275,6 +289,14 @@ def _wants_html(request: web.Request) -> bool:
     return request.method == "GET" and "text/html" in request.headers.get("Accept", "")
 
 
+async def read_form(request: web.Request) -> Any:
+    """The request's form fields; a malformed form body is the client's error (400), never a 500."""
+    try:
+        return await request.post()
+    except ValueError as exc:  # aiohttp's multipart and urlencoded parsers refuse a broken body this way
+        raise ApiError(400, "malformed_form", f"the form body is malformed: {exc}") from exc
+
+
 def _has_login(request: web.Request) -> bool:
     return any(getattr(r, "canonical", None) == "/login" for r in request.app.router.resources())
 
@@ -314,7 +336,7 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
             if request.method not in SAFE_METHODS:
                 sent = request.headers.get(CSRF_HEADER)
                 if sent is None and request.content_type in _FORMS:
-                    form = await request.post()
+                    form = await read_form(request)
                     field = form.get("csrf")
                     sent = field if isinstance(field, str) else None
                 if sent is None or not hmac.compare_digest(sent, session.csrf):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -192,6 +193,49 @@ class TestTokenCommand:
         (entry,) = json.loads(listed.stdout)
         assert entry["name"] == "desk 1" and entry["roles"] == ["clerk", "operator"]
         assert token not in listed.stdout
+
+
+    async def test_one_token_registered_on_two_nodes(self, tmp_path: Path) -> None:
+        """``token add`` registers a token made elsewhere: one peer token opens both units' nodes."""
+        shared = "wst_" + "k7" * 20
+        await asyncio.to_thread(_register_everywhere, tmp_path, shared)
+        for unit in ("a", "b"):
+            config = make_config(tmp_path / unit)
+            async with running_node(config) as (_, base, _session), aiohttp.ClientSession() as http:
+                for token, expected in ((shared, 200), ("wst_" + "x7" * 20, 401)):
+                    headers = {"Authorization": f"Bearer {token}"}
+                    async with http.get(f"{base}/api/v1/status", headers=headers) as resp:
+                        assert resp.status == expected
+                async with http.post(
+                    f"{base}/api/v1/dossiers", json=valid_intake(), headers={"Authorization": f"Bearer {shared}"}
+                ) as resp:
+                    assert resp.status == 403  # a peer token is not a clerk's
+
+
+def _token_add(config: Path, token: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "node", "token", "add", "--config", str(config), "--role", "peer"],
+        input=token + "\n", capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def _register_everywhere(tmp_path: Path, shared: str) -> None:
+    configs = []
+    for unit in ("a", "b"):
+        config = tmp_path / f"{unit}.toml"
+        config.write_text(
+            render_config(unit=UNIT, agency_code=AGENCY, listen="127.0.0.1:0", data_dir=str(tmp_path / unit / "data")),
+            encoding="utf-8",
+        )
+        config.chmod(0o600)
+        added = _token_add(config, shared)
+        assert added.returncode == 0, added.stderr
+        assert shared not in added.stdout + added.stderr  # never echoed
+        configs.append(config)
+    again = _token_add(configs[0], shared)
+    assert again.returncode == 1 and "already registered" in again.stderr
+    short = _token_add(configs[0], "wst_short")
+    assert short.returncode == 1 and "at least 32" in short.stderr
 
 
 def test_handlers_are_marked_on_the_function() -> None:

@@ -26,6 +26,16 @@ def register(sub: Any) -> None:
     c.add_argument("--data-dir", help="store directory, overrides the file (as for 'wardsync serve')")
     c.set_defaults(func=_create)
 
+    a = actions.add_parser(
+        "add",
+        help="register a token made elsewhere, read from standard input (e.g. one peer token for every unit)",
+    )
+    a.add_argument("--config", required=True, help="the node's TOML configuration file")
+    a.add_argument("--role", required=True, help=f"role, or several separated by commas: {', '.join(ROLES)}")
+    a.add_argument("--name", default="", help="who or what the token is for (shown in logs and lists)")
+    a.add_argument("--data-dir", help="store directory, overrides the file (as for 'wardsync serve')")
+    a.set_defaults(func=_add)
+
     ls = actions.add_parser("list", help="list tokens (never their values)")
     ls.add_argument("--config", required=True)
     ls.add_argument("--json", action="store_true", help="print JSON")
@@ -62,6 +72,23 @@ def _create(args: argparse.Namespace) -> int:
     print(token)
     if sys.stderr.isatty():
         print("Keep this token now: it is not stored and cannot be shown again.", file=sys.stderr)
+    return 0
+
+
+def _add(args: argparse.Namespace) -> int:
+    """The token comes on standard input, never as an argument (arguments show in process lists)."""
+    try:
+        roles = parse_roles(args.role)
+    except ValueError as exc:
+        print(f"wardsync token add: --role: {exc}", file=sys.stderr)
+        return 2
+    token = sys.stdin.readline().strip()
+    try:
+        token_id = _run(args, lambda auth: auth.add_token(token, roles, name=args.name))
+    except ValueError as exc:
+        print(f"wardsync token add: {exc}", file=sys.stderr)
+        return 1
+    print(f"registered token {token_id} ({','.join(roles)})")
     return 0
 
 
