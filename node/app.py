@@ -430,8 +430,10 @@ async def serve(
 async def _serve(
     config: Config, *, stop: asyncio.Event, announce: Any, clock: Clock | None, reload_config: Any
 ) -> None:
-    from node.ops.reload import on_sighup
+    from node.ops.reload import EarlySighup, on_sighup
 
+    # From here on a SIGHUP is caught: its default action would end a node that is still starting.
+    early = EarlySighup.install() if reload_config is not None else None
     async with Node(config, clock=clock) as node:
         runner = web.AppRunner(
             node.app, handle_signals=False, access_log=None, shutdown_timeout=config.node.shutdown_timeout_s
@@ -449,7 +451,7 @@ async def _serve(
                 scheme = "https" if ssl_context is not None else "http"
                 announce(f"wardsync node {config.node.unit} listening on {scheme}://{shown}:{port}")
             log.info("listening", addresses=[f"{a[0]}:{a[1]}" for a in runner.addresses])
-            async with on_sighup(node, reload_config, server_ssl=ssl_context):
+            async with on_sighup(node, reload_config, server_ssl=ssl_context, early=early):
                 await stop.wait()
             log.info("stopping")
             node._stopping = True

@@ -19,7 +19,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from node.config import DEMO_CLIENT_SECRET, DEMO_PASSWORD
+from node.ops import lock
 from tests.conftest import UNIT, provision_token, valid_intake
 from tests.opshelp import cli, write_config
 from tests.upstreams import Upstreams, running_upstreams
@@ -93,8 +94,13 @@ def spawn(config: Path, out: Path, err: Path) -> subprocess.Popen[bytes]:
 
 
 @contextlib.asynccontextmanager
-async def serving(config: Path, *, token: bool = True) -> AsyncIterator[Served]:
-    """Run ``wardsync serve --config CONFIG`` until the body ends; SIGTERM, then SIGKILL if it lingers."""
+async def serving(
+    config: Path, *, token: bool = True, while_starting: Callable[[Served], Awaitable[None]] | None = None
+) -> AsyncIterator[Served]:
+    """Run ``wardsync serve --config CONFIG`` until the body ends; SIGTERM, then SIGKILL if it lingers.
+
+    ``while_starting`` is awaited once the process is spawned, before waiting for it to listen.
+    """
     headers = {}
     if token:
         tok = await asyncio.to_thread(provision_token, config)
@@ -102,6 +108,8 @@ async def serving(config: Path, *, token: bool = True) -> AsyncIterator[Served]:
     out, err = config.parent / "node.out", config.parent / "node.err"
     proc = spawn(config, out, err)
     try:
+        if while_starting is not None:
+            await while_starting(Served(proc, "", out, err, headers))
         deadline = time.monotonic() + START_TIMEOUT_S
         while not (m := re.search(r"listening on (\S+)", out.read_text(errors="replace"))):
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -109,7 +117,7 @@ async def serving(config: Path, *, token: bool = True) -> AsyncIterator[Served]:
             await asyncio.sleep(0.05)
         served = Served(proc, m.group(1), out, err, headers)
         yield served
-        assert proc.poll() is None, f"the node exited during the test\n{served.logs()}"
+        assert proc.poll() in (None, 0), f"the node exited during the test\n{served.logs()}"
     finally:
         if proc.poll() is None:
             proc.terminate()
@@ -447,3 +455,63 @@ class TestTls:
                 assert "tls_cert/tls_key: cannot be loaded" in refused["reason"], refused
                 assert await peer_serial(node.base, ca.pem) == third
                 await post_intake(s, node.base, "after a broken pair")
+
+
+class TestStartAndStop:
+    """SIGHUP while the node starts or stops does not end it; one received while starting is applied once it serves."""
+
+    async def test_hup_while_starting_is_deferred_and_while_stopping_ignored(self, tmp_path: Path) -> None:
+        async with running_upstreams(tmp_path / "ups") as ups:
+            config = write_config(tmp_path, ups, replace={
+                "pull_tick_s = 0.2\n": "pull_tick_s = 0.2\nseed_timeout_s = 2.0\n",
+                "shutdown_timeout_s = 30.0": "shutdown_timeout_s = 3.0",
+            })
+            # On an empty store the node asks the upstreams for the codes they hold before it listens; with
+            # both unreachable that holds its start for seed_timeout_s each.
+            await ups.fault("national", mode="blackhole")
+            await ups.fault("city", mode="blackhole")
+            sent_while_starting: list[bool] = []
+
+            async def hup_while_starting(node: Served) -> None:
+                deadline = time.monotonic() + START_TIMEOUT_S
+                while lock.holder(tmp_path / "data") is None:  # serve() runs
+                    assert node.proc.poll() is None and time.monotonic() < deadline, node.logs()
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(1.0)  # well inside the 4 s of asking the upstreams
+                rewrite(config, 'level = "info"', 'level = "debug"')
+                node.proc.send_signal(signal.SIGHUP)
+                sent_while_starting.append("listening on" not in node.out.read_text())
+                await ups.clear("national")
+                await ups.clear("city")
+
+            async with serving(config, while_starting=hup_while_starting) as node:
+                assert sent_while_starting == [True], "the signal was not sent during start-up"
+                names = [e.get("event") for e in node.events()]
+                assert "config_reload_deferred" in names, node.logs()
+                done = await node.wait_event("config_reloaded", names.index("listening"))
+                assert done["needs_restart"] == ["[log] level"]
+
+                # A request still in flight when SIGTERM comes keeps the node stopping (for up to
+                # shutdown_timeout_s); a SIGHUP then must not end it (SIGHUP's default action) nor reload.
+                async def endless_body() -> AsyncGenerator[bytes, None]:
+                    yield b'{"TrichYeuHoSo": '
+                    await asyncio.sleep(3600)
+
+                async with aiohttp.ClientSession(headers=node.headers) as s:
+                    async def post() -> None:
+                        async with s.post(f"{node.base}/api/v1/dossiers", data=endless_body(),
+                                          headers={"Content-Type": "application/json"}) as r:
+                            await r.read()
+
+                    task = asyncio.create_task(post())
+                    await asyncio.sleep(0.3)
+                    mark = len(node.events())
+                    node.proc.send_signal(signal.SIGTERM)
+                    await node.wait_event("stopping", mark)
+                    node.proc.send_signal(signal.SIGHUP)
+                    await node.wait_event("config_reload_skipped", mark)
+                    assert await asyncio.wait_for(asyncio.to_thread(node.proc.wait), 20) == 0, node.logs()
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+                        await task
+                assert [e.get("event") for e in node.events()].count("config_reloaded") == 1

@@ -95,12 +95,21 @@ async def reload(node: Node, load: Callable[[], Config], *, server_ssl: ssl.SSLC
     if refusals:
         log.error("config_reload_refused", reason="; ".join(refusals), kept=old.source)
         return False
-    _apply_credentials(node, new)
     tls_reloaded = False
     if server_ssl is not None and new.node.tls_cert:
-        # Same context object: the listener keeps it, new handshakes present the new certificate.
-        server_ssl.load_cert_chain(new.node.tls_cert, new.node.tls_key)
+        # Same context object: the listener keeps it, new handshakes present the new certificate. Loaded
+        # before anything else is applied, so that files changed since they were checked (a renewal caught
+        # half-written) still refuse the whole file.
+        try:
+            server_ssl.load_cert_chain(new.node.tls_cert, new.node.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            with contextlib.suppress(ssl.SSLError, OSError):  # a failed load may leave half a pair behind
+                server_ssl.load_cert_chain(old.node.tls_cert, old.node.tls_key)
+            log.error("config_reload_refused", reason=f"[node] tls_cert/tls_key: cannot be loaded: {exc}",
+                      kept=old.source)
+            return False
         tls_reloaded = True
+    _apply_credentials(node, new)
     await _call_reload(getattr(node, "auth", None))
     # Another module may offer a reload of its own (certificates, keyrings): called when present.
     await _call_reload(getattr(tls, "reload", None))
@@ -141,11 +150,45 @@ async def _call_reload(target: Any) -> None:
         await result
 
 
+class EarlySighup:
+    """Catches SIGHUP from the start of ``serve`` until :func:`on_sighup` takes over.
+
+    SIGHUP's default action ends the process, and start-up can take a while (migrations; asking the
+    upstreams for the codes they hold, up to ``seed_timeout_s`` each when they are unreachable). A
+    ``systemctl reload`` in that window is remembered and applied as soon as the node serves.
+    """
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    @classmethod
+    def install(cls) -> EarlySighup:
+        early = cls()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, early._remember)
+        return early
+
+    def _remember(self) -> None:
+        self.pending = True
+        log.info("config_reload_deferred", reason="the node is starting; the file is re-read once it serves")
+
+
+def _while_stopping() -> None:
+    log.info("config_reload_skipped", reason="the node is stopping")
+
+
 @contextlib.asynccontextmanager
 async def on_sighup(
-    node: Node, load: Callable[[], Config] | None, *, server_ssl: ssl.SSLContext | None = None
+    node: Node,
+    load: Callable[[], Config] | None,
+    *,
+    server_ssl: ssl.SSLContext | None = None,
+    early: EarlySighup | None = None,
 ) -> AsyncIterator[None]:
-    """While the body runs, each SIGHUP reloads the configuration (one reload at a time, in order)."""
+    """While the body runs, each SIGHUP reloads the configuration (one reload at a time, in order).
+
+    With ``early``, a SIGHUP received during start-up is applied at once, and one received after the body
+    (while the node drains and stops) is logged and ignored rather than ending the process.
+    """
     if load is None:
         yield
         return
@@ -162,6 +205,8 @@ async def on_sighup(
                 log.exception("config_reload_failed", error=str(exc))
 
     loop.add_signal_handler(signal.SIGHUP, hup.set)
+    if early is not None and early.pending:
+        hup.set()
     try:
         async with asyncio.TaskGroup() as tg:
             task = tg.create_task(reloads(), name="sighup")
@@ -170,4 +215,7 @@ async def on_sighup(
             finally:
                 task.cancel()
     finally:
-        loop.remove_signal_handler(signal.SIGHUP)
+        if early is not None:
+            loop.add_signal_handler(signal.SIGHUP, _while_stopping)  # replaces ours; gone with the loop
+        else:
+            loop.remove_signal_handler(signal.SIGHUP)
