@@ -267,6 +267,8 @@ class LiveDrill:
         self.inventory = inventory
         self.views = {n.unit: NodeView(n) for n in inventory.nodes}
         minutes = opts.minutes if opts.minutes is not None else self.sc.minutes
+        if not minutes > 0:
+            raise ValueError(f"minutes: must be positive, not {minutes!r}")
         self.factor = self.sc.day_s / (minutes * 60)
         self.rng = random.Random(opts.seed ^ 0x11E)
         self._gate = asyncio.Semaphore(max(1, opts.concurrency))
@@ -304,9 +306,6 @@ class LiveDrill:
                 return 0, {"error": {"message": str(exc) or type(exc).__name__}}
 
     # -- polling
-    def rel(self, t: float) -> float:
-        return round(t - self.t0, 3)
-
     async def poll_once(self, http: aiohttp.ClientSession) -> None:
         await asyncio.gather(*(self._poll(http, v) for v in self.views.values()))
 
@@ -318,7 +317,13 @@ class LiveDrill:
             view.failures += 1
             view.error = _describe_failure(status, body)
             return
-        view.status, view.error = body, None
+        try:
+            self._observe(view, body, now)
+        except (AttributeError, TypeError, ValueError) as exc:  # a status this runner cannot read
+            view.failures += 1
+            view.error = f"malformed status: {exc!r}"[:200]
+
+    def _observe(self, view: NodeView, body: dict[str, Any], now: float) -> None:
         unit = view.node.unit
         # Switches as the node recorded them (its own clock), newest first in the status.
         fresh = []
@@ -350,6 +355,7 @@ class LiveDrill:
             # A switch the event log no longer shows (more events than it keeps): the poll's time will do.
             self.timeline.append({"t": now, "unit": unit, "kind": "active", "from": view.active, "to": active})
         view.active = active
+        view.status, view.error = body, None
 
     def _event_time(self, at: Any, now: float) -> float:
         """A node's wall-clock event time on this runner's monotonic clock, never later than it was seen."""
