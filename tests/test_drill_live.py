@@ -358,14 +358,15 @@ async def test_an_interrupted_drill_ends_what_it_opened(tmp_path: Path) -> None:
 
 
 async def test_abort_ends_what_a_killed_drill_left_open(tmp_path: Path) -> None:
+    """``wardsync drill --fleet`` killed with SIGKILL mid-drill, then ``wardsync drill abort --fleet``."""
     async with live_fleet(tmp_path) as (ups, nodes, tokens):
         inv = write_inventory(tmp_path / "fleet.toml", ups, nodes, tokens, portal=False)
         scenario = tmp_path / "hold-open.toml"
         scenario.write_text(HOLD_OPEN, encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "simulations.live", "run", "--fleet", str(inv), "--scenario", str(scenario),
-            "--poll", "0.2", cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+            sys.executable, "-m", "node", "drill", "--fleet", str(inv), "--scenario", str(scenario),
+            cwd=ROOT, env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         try:
             await until_held_open(nodes, lambda: proc.returncode is None)
         finally:
@@ -379,9 +380,12 @@ async def test_abort_ends_what_a_killed_drill_left_open(tmp_path: Path) -> None:
             st = await status(s, url)
             assert st["forced"]["source"] == "city" and st["active_source"] == "city"
 
-        out = io.StringIO()
-        assert await asyncio.to_thread(abort, inv, out=out) == 0
-        lines = out.getvalue().splitlines()
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "node", "drill", "abort", "--fleet", str(inv), cwd=ROOT, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await done.communicate()
+        assert done.returncode == 0, err.decode()
+        lines = out.decode().splitlines()
         assert sorted(lines[:2]) == sorted(f"{u} {n}: ok, 1 fault window closed, source automatic"
                                            for u, n in (("26743", "Phường Bến Thành"), ("25747", "Phường Thủ Dầu Một")))
         assert lines[2] == "2/2 units restored"
