@@ -398,3 +398,29 @@ async def _wait_national(node: Any, wanted: dict[str, str], within_s: float = 20
         if asyncio.get_running_loop().time() > deadline:
             pytest.fail(f"national replication never reached {wanted}: {got}")
         await asyncio.sleep(0.1)
+
+
+class TestPortalDown:
+    """While the portal cannot be asked, imported dossiers stay held: nothing is pushed there unchecked."""
+
+    async def test_held_until_the_portal_answers(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        async with running_upstreams(tmp_path / "ups") as ups:
+            export = tmp_path / "export.json"
+            export.write_text(json.dumps([_legacy_record(PORTAL_LACKS, "079190000302")], ensure_ascii=False),
+                              encoding="utf-8")
+            write_config(tmp_path, ups, replace={"[log]\n": "[failover]\nopen_base_s = 0.3\n\n[log]\n"})
+            status, _, err = await asyncio.to_thread(_import, capsys, tmp_path, export)
+            assert status == 0, err
+            await ups.fault("national", mode="down")
+            async with running_node(load(tmp_path / "wardsync.toml")) as (node, base, session):
+                deadline = asyncio.get_running_loop().time() + 30
+                while PORTAL_LACKS not in await ups.dossiers("city", UNIT):  # the city gets it meanwhile
+                    assert asyncio.get_running_loop().time() < deadline, "never reached the city system"
+                    await asyncio.sleep(0.1)
+                record = await _get(session, base, PORTAL_LACKS)
+                assert record["replication"]["national"]["state"] == "held"
+                assert PORTAL_LACKS not in await ups.dossiers("national", UNIT)
+                await ups.clear("national")
+                # The breaker's open time doubles with each failed probe: allow for a long outage's.
+                await _wait_national(node, {PORTAL_LACKS: "synced"}, within_s=60)
+                assert PORTAL_LACKS in await ups.dossiers("national", UNIT)
