@@ -58,7 +58,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
         print(f"wardsync init: {out} exists; pass --force to overwrite it", file=sys.stderr)
         return 1
     out.write_text(text, encoding="utf-8")
-    os.chmod(out, 0o640)
+    # Owner only: it may hold credentials (--national-url, --city-url), and serve refuses such a file when
+    # others can read it; an installed node opens it to the service's group (root:wardsync 640).
+    os.chmod(out, 0o600)
     print(f"wrote {out}")
     if key_file and keys.ensure_keyring(Path(key_file)):
         print(f"wrote {key_file} (the keyring encrypting dossiers at rest: keep a copy apart from the data)")

@@ -17,6 +17,7 @@ here; this file covers what they leave open:
   covers the warning at start and /api/v1/status);
 * the keyring of an installed node (README, deploy/install.sh): written by root next to the configuration,
   it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it;
+* a configuration ``wardsync init`` writes with credentials in it is one ``serve`` accepts (mode 600);
 * the peer token and a document link on a foreign host (a known limit, pinned as a strict xfail);
 * (slow) the intake benchmark's encryption-at-rest mode end to end: both node runs, their stores sealed
   and clear as configured, and the sealed/clear ratios reported.
@@ -48,6 +49,7 @@ from pycrdt import Doc, Provider
 from node import audit
 from node.api import MAX_JSON_DEPTH
 from node.app import Node
+from node.config import load_config
 from node.crypto import Keyring, count_key_usage, write_keyring
 from node.ops import doctor
 from sync import doc as ydoc
@@ -461,6 +463,26 @@ class TestTlsNeverSilent:
         # Verified against the CA bundle: only the certificate's expiry (the test CA's lasts a day: a warning).
         assert [c.name for c in checks_on] == ["certificate (national)"]
         assert checks_on[0].status != doctor.FAILURE and "expires" in checks_on[0].detail, checks_on
+
+
+# -- secrets in the configuration file ------------------------------------------------------------------
+
+
+def test_init_with_credentials_writes_a_file_serve_accepts(tmp_path: Path) -> None:
+    """``--national-url`` and ``--city-url`` put the stand-ins' credentials in the file: owner-only mode,
+    so the configuration check that refuses secrets readable by others passes."""
+    conf = tmp_path / "wardsync.toml"
+    done = subprocess.run(
+        [sys.executable, "-m", "node", "init", "--unit", "26743", "--agency-code", "000.00.17.H29",
+         "--national-url", "http://127.0.0.1:8081", "--city-url", "http://127.0.0.1:8082",
+         "--data-dir", str(tmp_path / "data"), "--out", str(conf)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert conf.stat().st_mode & 0o777 == 0o600
+    config = load_config(conf, env={})
+    assert config.national is not None and config.national.password
+    assert config.city is not None and config.city.client_secret
 
 
 # -- the keyring of an installed node ---------------------------------------------------------------------
