@@ -37,7 +37,7 @@ from tests.conftest import UNIT, provision_token, valid_intake
 from tests.opshelp import cli, write_config
 from tests.upstreams import Upstreams, running_upstreams
 
-START_TIMEOUT_S = 20.0
+START_TIMEOUT_S = 30.0
 NEW_PASSWORD = "rotated-portal-password-2"
 NEW_SECRET = "rotated-city-secret-2"
 
@@ -73,7 +73,7 @@ class Served:
         self.proc.send_signal(signal.SIGHUP)
         return seen
 
-    async def wait_event(self, name: str, after: int, within_s: float = 15.0) -> dict[str, Any]:
+    async def wait_event(self, name: str, after: int, within_s: float = 20.0) -> dict[str, Any]:
         """The first log line ``name`` among the lines after index ``after``."""
         deadline = time.monotonic() + within_s
         while True:
@@ -128,6 +128,13 @@ async def serving(
                 await asyncio.to_thread(proc.wait)
 
 
+async def until(condition: Callable[[], bool], within_s: float = 20.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not reached within {within_s}s"
+        await asyncio.sleep(0.02)
+
+
 def rewrite(config: Path, old: str, new: str) -> None:
     text = config.read_text(encoding="utf-8")
     assert old in text, old
@@ -151,7 +158,7 @@ async def held(ups: Upstreams, target: str) -> set[str]:
     return set(await ups.dossiers(target, UNIT))
 
 
-async def wait_held(ups: Upstreams, codes: set[str], within_s: float = 20.0) -> None:
+async def wait_held(ups: Upstreams, codes: set[str], within_s: float = 30.0) -> None:
     deadline = time.monotonic() + within_s
     while True:
         missing = {t: sorted(codes - await held(ups, t)) for t in ("national", "city")}
@@ -235,20 +242,22 @@ class TestCredentials:
                                                  trace_configs=[trace]) as stream:
                     desks = [asyncio.create_task(desk(stream, w)) for w in range(4)]
                     slow_task = asyncio.create_task(slow(stream))
-                    await asyncio.sleep(0.5)
                     await half_sent.wait()
+                    await until(lambda: len(streamed) >= 10 or bool(failures))
                     rewrite(config, f'password = "{DEMO_PASSWORD}"', f'password = "{NEW_PASSWORD}"')
                     rewrite(config, f'client_secret = "{DEMO_CLIENT_SECRET}"', f'client_secret = "{NEW_SECRET}"')
+                    before = len(streamed)
                     mark = node.hup()
                     done = await node.wait_event("config_reloaded", mark)
+                    at_reload = len(streamed)
                     reloaded.set()
-                    await asyncio.sleep(0.5)
+                    await until(lambda: len(streamed) >= at_reload + 10 or bool(failures))  # desks carry on
                     stop.set()
                     await asyncio.gather(*desks)
                     slow_status, slow_text = await slow_task
                 assert failures == []
                 assert slow_status == 201, slow_text
-                assert len(streamed) > 20
+                assert before >= 10 and len(streamed) >= at_reload + 10, (before, at_reload, len(streamed))
                 assert opened == 5, f"{opened} connections opened for 5 clients: some were dropped"
                 assert sorted(done["applied"]) == ["[targets.city] client_secret", "[targets.national] password"]
                 assert done["needs_restart"] == []
