@@ -183,7 +183,7 @@ def _auth(request: web.Request) -> auth.Auth:
 @auth.public
 async def login(request: web.Request) -> web.Response:
     """Exchange a token for an HttpOnly, SameSite=Strict session cookie."""
-    form = await request.post()
+    form = await auth.read_form(request)
     nxt = _safe_next(str(form.get("next") or "/"))
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     sent = str(form.get("csrf") or "")
@@ -235,7 +235,7 @@ async def logout(request: web.Request) -> web.Response:
     sid = request.cookies.get(auth.SESSION_COOKIE, "")
     session = guard.session(sid) if sid else None
     if session is not None:
-        form = await request.post()
+        form = await auth.read_form(request)
         sent = str(form.get("csrf") or request.headers.get(auth.CSRF_HEADER) or "")
         if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
             raise ApiError(403, "csrf_failed", "a signed-in browser must send its CSRF token to sign out")

@@ -33,7 +33,12 @@ class ApiError(Exception):
         return {"error": error}
 
     def body(self) -> bytes:
-        return json.dumps(self.envelope(), ensure_ascii=False).encode()
+        try:
+            return json.dumps(self.envelope(), ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            # A field name or message echoing a lone surrogate the client sent (JSON's "\ud800" escape parses to
+            # one): escaped, the envelope is still valid JSON instead of a 500.
+            return json.dumps(self.envelope()).encode()
 
 
 def validation_error(fields: dict[str, str]) -> ApiError:
