@@ -18,6 +18,7 @@ here; this file covers what they leave open:
 * the keyring of an installed node (README, deploy/install.sh): written by root next to the configuration,
   it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it;
 * a configuration ``wardsync init`` writes with credentials in it is one ``serve`` accepts (mode 600);
+* a backup (a copy of citizens' data) is readable by its owner only;
 * the peer token and a document link on a foreign host (a known limit, pinned as a strict xfail);
 * (slow) the intake benchmark's encryption-at-rest mode end to end: both node runs, their stores sealed
   and clear as configured, and the sealed/clear ratios reported.
@@ -49,9 +50,9 @@ from pycrdt import Doc, Provider
 from node import audit
 from node.api import MAX_JSON_DEPTH
 from node.app import Node
-from node.config import load_config
+from node.config import Config, load_config
 from node.crypto import Keyring, count_key_usage, write_keyring
-from node.ops import doctor
+from node.ops import backup, doctor
 from sync import doc as ydoc
 from sync.doc import load_doc
 from sync.record import record_from_doc
@@ -483,6 +484,27 @@ def test_init_with_credentials_writes_a_file_serve_accepts(tmp_path: Path) -> No
     config = load_config(conf, env={})
     assert config.national is not None and config.national.password
     assert config.city is not None and config.city.client_secret
+
+
+# -- backups ------------------------------------------------------------------------------------------------
+
+
+async def test_a_backup_is_for_its_owner_only(config: Config, tmp_path: Path) -> None:
+    async with running_node(config) as running:
+        await create(running)
+        fresh = tmp_path / "backups" / "first"
+        manifest = await asyncio.to_thread(backup.backup, config, fresh)
+    assert manifest["counts"]["dossiers"] == 1
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    assert (fresh / backup.DB_FILE).stat().st_mode & 0o777 == 0o600
+    # A directory the operator made keeps its mode (a backup volume's group, say); the copy is still 600.
+    own = tmp_path / "volume"
+    own.mkdir()
+    own.chmod(0o750)
+    await asyncio.to_thread(backup.backup, config, own)
+    assert own.stat().st_mode & 0o777 == 0o750
+    assert (own / backup.DB_FILE).stat().st_mode & 0o777 == 0o600
+    assert not list(own.glob("*.partial*"))
 
 
 # -- the keyring of an installed node ---------------------------------------------------------------------

@@ -113,9 +113,14 @@ def backup(config: Config, dest: Path, *, force: bool = False) -> dict[str, Any]
         raise BackupError(f"no store at {db}: check [node] data_dir (or --data-dir)")
     if (dest / MANIFEST).exists() and not force:
         raise BackupError(f"{dest} already holds a backup; pick a new directory or pass --force to replace it")
+    # A copy of citizens' data: a new backup directory and the copy in it are for their owner only.
+    created = not dest.is_dir()
     dest.mkdir(parents=True, exist_ok=True)
+    if created:
+        dest.chmod(0o700)
     partial = dest / (DB_FILE + ".partial")
     partial.unlink(missing_ok=True)
+    partial.touch(mode=0o600)  # SQLite keeps the mode of the file it opens (and gives it to its journal)
     started = _now()
     with _connect(db) as src, contextlib.closing(sqlite3.connect(partial, isolation_level=None)) as dst:
         src.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
