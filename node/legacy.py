@@ -496,6 +496,9 @@ async def _unhold(store: Store, codes: list[str]) -> None:
 def write_rejects(path: Path, rejected: Iterable[Rejected], columns: Sequence[str]) -> None:
     """CSV (the export's own columns after ``_line`` and ``_reason``) or JSONL (``.jsonl``/``.json``)."""
     items = sorted(rejected, key=lambda r: r.line)
+    # The rows carry citizens' ID and phone numbers: readable by the operator only, like the store.
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     if path.suffix.lower() in (".jsonl", ".json"):
         with path.open("w", encoding="utf-8") as f:
             for r in items:

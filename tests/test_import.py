@@ -167,6 +167,7 @@ class TestRejects:
         rejects.parent.mkdir()
         status, summary, _ = _import(capsys, tmp_path, export, "--rejects", str(rejects))
         assert status == 1 and summary["rejects_file"] == str(rejects)
+        assert rejects.stat().st_mode & 0o077 == 0  # ID and phone numbers: the operator's eyes only
         with rejects.open(encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
         reasons = {int(r["_line"]): r["_reason"] for r in rows}
