@@ -115,7 +115,8 @@ class Store:
         await self.close()
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A data directory the node makes itself is its own (citizens' data); an existing one keeps its mode.
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # Migrations run once, before anything else touches the file.
         async with aiosqlite.connect(self.path, isolation_level=None) as conn:
             await _pragmas(conn)

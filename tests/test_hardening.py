@@ -18,7 +18,7 @@ here; this file covers what they leave open:
 * the keyring of an installed node (README, deploy/install.sh): written by root next to the configuration,
   it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it;
 * a configuration ``wardsync init`` writes with credentials in it is one ``serve`` accepts (mode 600);
-* a backup (a copy of citizens' data) is readable by its owner only;
+* a backup (a copy of citizens' data), and a data directory the node creates, are its owner's only;
 * the peer token and a document link on a foreign host (a known limit, pinned as a strict xfail);
 * (slow) the intake benchmark's encryption-at-rest mode end to end: both node runs, their stores sealed
   and clear as configured, and the sealed/clear ratios reported.
@@ -505,6 +505,19 @@ async def test_a_backup_is_for_its_owner_only(config: Config, tmp_path: Path) ->
     assert own.stat().st_mode & 0o777 == 0o750
     assert (own / backup.DB_FILE).stat().st_mode & 0o777 == 0o600
     assert not list(own.glob("*.partial*"))
+
+
+async def test_a_data_directory_the_node_creates_is_its_own(tmp_path: Path) -> None:
+    config = make_config(tmp_path, data_dir=str(tmp_path / "srv" / "wardsync"))
+    async with running_node(config) as running:
+        await create(running)
+    assert config.data_path.stat().st_mode & 0o777 == 0o700
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    kept.chmod(0o750)  # made by the installer for the service's group: left as it is
+    async with running_node(make_config(tmp_path, data_dir=str(kept))):
+        pass
+    assert kept.stat().st_mode & 0o777 == 0o750
 
 
 # -- the keyring of an installed node ---------------------------------------------------------------------

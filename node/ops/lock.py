@@ -34,7 +34,7 @@ def _describe(fd: int) -> str:
 @contextlib.contextmanager
 def hold(data_dir: Path, purpose: str) -> Iterator[None]:
     """Hold the lock for the body of the ``with``; raises :class:`DataDirBusy` at once if it is taken."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # as the store makes it: its owner's only
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o640)
     try:
         try:
