@@ -17,6 +17,8 @@ import re
 import shutil
 import ssl
 import subprocess
+import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -242,6 +244,22 @@ class TestCredentials:
         assert rc == 1
 
 
+NOBODY = 65534  # nobody:nogroup, an account other than the one that made the files
+
+
+def wardsync() -> list[str]:
+    exe = Path(sys.executable).parent / "wardsync"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "node"]
+
+
+def as_nobody(*cmd: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
+    return subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *cmd],
+        capture_output=True, text=True, timeout=60, cwd=cwd, env=env, check=False,
+    )
+
+
 class TestDataDirectory:
     """A data directory other users may write is a failure; one they may read, a warning."""
 
@@ -275,6 +293,46 @@ class TestDataDirectory:
         rc, checks = await doctor(config, "--min-free-mb", "1")
         check = checks["data directory"]
         assert check["status"] == "failure" and "wardsync.sqlite3 (mode 666)" in check["detail"], check
+
+    def test_run_as_another_user_reports_rather_than_crashes(self) -> None:
+        """Run by an account that cannot enter the data directory (root's, not the service's), doctor
+        names the checks it could not make and how to run it; run by the owner, the directory is ok."""
+        if os.geteuid() != 0 or shutil.which("setpriv") is None:
+            pytest.skip("needs root and setpriv to act as another user")
+        import node
+
+        base = Path(tempfile.mkdtemp(prefix="wardsync-doctor-"))  # pytest's own directories are root-only
+        try:
+            base.chmod(0o755)
+            probe = as_nobody("test", "-r", str(Path(node.__file__)), cwd=base)
+            if probe.returncode != 0:
+                pytest.skip(f"the program is not readable by uid {NOBODY} here")
+            data = healthy_dir(base)
+            config = write_config(base)  # no upstreams, so no secrets in it: readable by all
+            config.chmod(0o644)
+            provision_token(config)
+
+            done = as_nobody(*wardsync(), "doctor", "--config", str(config), "--json", cwd=base)
+            assert done.returncode == 1, done.stdout + done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+            checks = {c["name"]: c for c in json.loads(done.stdout)}
+            assert checks["data directory"]["status"] == "failure", checks
+            assert "not writable by this user" in checks["data directory"]["detail"]
+            for name in ("node", "store"):
+                assert checks[name]["status"] == "warning", checks[name]
+                assert checks[name]["detail"].startswith("not checked: permission denied"), checks[name]
+                assert "runuser -u wardsync" in checks[name]["fix"], checks[name]
+
+            for p in (data, *data.iterdir()):
+                os.chown(p, NOBODY, NOBODY)
+            done = as_nobody(*wardsync(), "doctor", "--config", str(config), "--json", "--min-free-mb", "1",
+                             cwd=base)
+            checks = {c["name"]: c for c in json.loads(done.stdout)}
+            assert checks["data directory"]["status"] == "ok", checks["data directory"]
+            assert checks["store"]["status"] == "ok", checks["store"]
+            assert done.returncode == 0, done.stdout + done.stderr
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
 
     async def test_damaged_store(self, tmp_path: Path) -> None:
         healthy_dir(tmp_path)

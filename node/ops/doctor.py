@@ -14,7 +14,7 @@ import sqlite3
 import ssl
 import stat
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -167,7 +167,7 @@ def check_store(config: Config) -> list[Check]:
 def check_lag(config: Config) -> list[Check]:
     db = config.db_path
     targets = [n for n in ("national", "city") if getattr(config, n) is not None]
-    if not db.exists() or not targets:
+    if not targets or not db.exists():
         return []
     try:
         with contextlib.closing(_connect_ro(db)) as conn:
@@ -329,7 +329,12 @@ async def run_checks(config: Config, t: Thresholds) -> list[Check]:
     """Every check, in a fixed order."""
     from node.ops.recover import upstreams_of
 
-    checks = [check_running(config), check_data_dir(config), *check_disk(config, t), *check_store(config)]
+    checks = [
+        *_guarded("node", lambda: [check_running(config)]),
+        *_guarded("data directory", lambda: [check_data_dir(config)]),
+        *_guarded("disk space", lambda: check_disk(config, t)),
+        *_guarded("store", lambda: check_store(config)),
+    ]
     async with upstreams_of(config) as ups, aiohttp.ClientSession() as http:
         jobs: list[Awaitable[Check]] = []
         for up in ups:
@@ -337,8 +342,21 @@ async def run_checks(config: Config, t: Thresholds) -> list[Check]:
             jobs.append(check_clock(up.name, getattr(config, up.name), config.node.unit, http, t))
         checks += await asyncio.gather(*jobs)
     checks += await check_certificates(config, t)
-    checks += check_lag(config)
+    checks += _guarded("lag", lambda: check_lag(config))
     return checks
+
+
+def _guarded(name: str, run: Callable[[], list[Check]]) -> list[Check]:
+    """``run()``, or one check saying what could not be looked at: doctor reports, it never crashes."""
+    try:
+        return run()
+    except PermissionError as exc:
+        # Typically doctor run as root's or an operator's own account instead of the service's.
+        return [Check(name, WARNING, f"not checked: permission denied on {exc.filename or exc}",
+                      f"run it as the service's user (this is uid {os.getuid()}):"
+                      " runuser -u wardsync -- wardsync doctor")]
+    except OSError as exc:
+        return [Check(name, WARNING, f"not checked: {exc}", "see the data directory check")]
 
 
 _STYLE = {OK: "green", WARNING: "yellow", FAILURE: "bold red"}
