@@ -324,6 +324,9 @@ class Options:
     work_dir: Path | None = None
     keep: bool = False
     progress: bool = True
+    # Real seconds after the start of the day when the desks stop sending (what was not played by then is
+    # reported as such); None: the whole plan is played, however long that takes.
+    day_limit_s: float | None = None
 
 
 class Drill:
@@ -366,6 +369,7 @@ class Drill:
         self.t_end = 0.0
         self.now_phase = "setup"
         self.timings: dict[str, float] = {}
+        self.stopped_early = False
 
     # -- messages from the workers (called on their reader threads)
     def _on_message(self, worker: int, msg: dict[str, Any]) -> None:
@@ -602,12 +606,19 @@ class Drill:
                              concurrency=min(256, 16 + 2 * len(self.units)))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
             self.t0 = time.monotonic()
-            day_task = asyncio.create_task(self.driver.run(self.t0))
+            stop_desks = asyncio.Event()
+            if self.o.day_limit_s is not None:
+                asyncio.get_running_loop().call_later(self.o.day_limit_s, stop_desks.set)
+            day_task = asyncio.create_task(self.driver.run(self.t0, stop_desks))
             for ph in self.sc.phases:
                 while (wait := self.t0 + ph.at / self.factor - time.monotonic()) > 0:
+                    if day_task.done() and stop_desks.is_set():
+                        break
                     if progress:
                         progress(self)
                     await asyncio.sleep(min(wait, 0.25))
+                if day_task.done() and stop_desks.is_set():
+                    break  # the desks stopped at the time limit: the rest of the scenario is not played
                 self.now_phase = ph.label
                 await self.run_phase(http, ph)
             while not day_task.done():
@@ -615,6 +626,7 @@ class Drill:
                     progress(self)
                 await asyncio.wait({day_task}, timeout=0.25)
             await day_task
+            self.stopped_early = stop_desks.is_set()
             self.t_end = time.monotonic()
             self.now_phase = "drain"
             await self.clear_everything(http)
@@ -724,7 +736,9 @@ class Drill:
             "settings": self.settings,
             "workload": self.plan.counts(),
             "driver": {"refused": acks.refused, "gave_up": acks.gave_up,
-                       "latency_ms": _lat(acks.latencies_ms)},
+                       "latency_ms": _lat(acks.latencies_ms), "actions_planned": self.driver.total,
+                       "actions_done": self.driver.done, "stopped_early": self.stopped_early,
+                       "day_limit_s": self.o.day_limit_s},
             "fleet_healthy_at_start": healthy,
             "timings": self.timings,
             "phases": [{k: v for k, v in p.items() if k not in ("t", "until")}
