@@ -24,9 +24,11 @@ from typing import Any
 import aiohttp
 import pytest
 
+from node.config import DEMO_PASSWORD, DEMO_USERNAME
 from node.ops.recover import RESERVE_MIN, sequence_gaps
+from simulations.checker import Snapshot, check, read_node_store
 from tests.conftest import AGENCY, UNIT, make_config, provision_token, running_node, valid_intake
-from tests.opshelp import accept, cli, load, wait_synced, write_config
+from tests.opshelp import accept, cli, digests, load, wait_synced, write_config
 from tests.upstreams import Upstreams, running_upstreams
 
 TARGETS = ("national", "city")
@@ -155,16 +157,16 @@ class TestRebuildALostNode:
             headers = {"Authorization": f"Bearer {provision_token(path)}"}
             async with aiohttp.ClientSession(headers=headers) as http:
                 async with serving(path, url, http, log) as proc:
-                    # Load: four desks taking dossiers and recording steps while the node replicates.
+                    # Load: three desks taking dossiers and recording steps while the node replicates.
                     async def desk(w: int) -> None:
-                        for i in range(10):
+                        for i in range(8):
                             code, digest = await intake(http, url, f"{w}-{i}")
                             acked[code] = digest
                             if i % 2 == 0:
                                 acked[code] = await add_step(http, url, code, i)
 
                     async with asyncio.TaskGroup() as tg:
-                        for w in range(4):
+                        for w in range(3):
                             tg.create_task(desk(w))
                     await upstreams_hold(ups, acked)
 
@@ -207,8 +209,11 @@ class TestRebuildALostNode:
                 assert report["complete"] and report["source"] == source
                 assert report["dossiers"] == len(held)
                 by_target = {s["target"]: s for s in report["sources"]}
-                assert by_target[source]["created"] == len(held) and by_target[source]["refused"] == 0
-                assert by_target[source]["in_sync"] == len(held)  # all recorded as held: none pushed again
+                # The city's histories come first whichever the source; both upstreams held the same.
+                assert by_target["city"]["created"] == len(held) and by_target["national"]["created"] == 0
+                assert by_target["city"]["refused"] == by_target["national"]["refused"] == 0
+                for t in TARGETS:
+                    assert by_target[t]["in_sync"] == len(held)  # all recorded as held: none pushed again
                 assert report["gaps"] == [gap] and report["gap_count"] == 1  # the parked dossier, by its code
                 assert report["last_code"] == max(code for code, _ in later)
                 assert all(seq_of(code) > seq_of(report["last_code"]) for code, _ in lost)  # unknown upstream
@@ -269,7 +274,9 @@ class TestBootstrapReport:
             out = done.stdout
             last = max(d["MaHoSo"] for d in made)
             assert f"rebuilt {config.db_path} from the national upstream" in out
-            assert "national: lists 3 dossiers; 3 recovered" in out and "3 match it (never pushed again)" in out
+            # The city's histories are read first; the portal, the source named, holds the same three.
+            assert "city: lists 3 dossiers; 3 recovered, 0 brought up to date, 0 already held; 3 match it" in out
+            assert "national: lists 3 dossiers; 0 recovered, 0 brought up to date, 3 already held; 3 match it" in out
             assert f"last code any upstream holds: {last}" in out
             assert "wardsync merge-store OLD_DIR" in out
             day, n = seq_of(last)
@@ -322,3 +329,253 @@ class TestMergeStoreCollision:
                 assert await r.json() == mine_record  # left exactly as it was
             async with session.get(f"{base}/api/v1/dossiers/{theirs[1]['MaHoSo']}") as r:
                 assert (await r.json())["digest"] == theirs[1]["digest"]
+
+
+async def held_by(ups: Upstreams, target: str, code: str, digest: str, within_s: float = 20) -> None:
+    deadline = time.monotonic() + within_s
+    while (await ups.dossiers(target, UNIT)).get(code) != digest:
+        assert time.monotonic() < deadline, f"{target} never held {code} at {digest}"
+        await asyncio.sleep(0.05)
+
+
+async def portal_record_only(ups: Upstreams, record: dict[str, Any]) -> None:
+    """Store a dossier's record on the portal without its steps, as a push cut between the two calls does."""
+    headers = {"dstcode": AGENCY}
+    async with ups.http.post(f"{ups.national_url}/login", json={"username": DEMO_USERNAME, "password": DEMO_PASSWORD},
+                             headers=headers) as r:
+        session = (await r.json())["session"]
+    body = {"session": session, "madonvi": AGENCY, "service": "DongBoHoSoMC", "isUpdating": "False",
+            "data": [{k: v for k, v in record.items() if k != "QuaTrinhXuLy"}]}
+    async with ups.http.post(f"{ups.national_url}/integration", json=body) as r:
+        answer = await r.json()
+    assert [x["error_code"] for x in answer["results"]] in (["0"], [0]), answer
+
+
+class TestUpstreamsHoldingDifferentParts:
+    @pytest.mark.parametrize("source", ["national", "city"])
+    async def test_each_upstream_adds_what_the_other_lacks(self, tmp_path: Path, source: str) -> None:
+        """A step only the city took and a step only the portal took both come back whatever the source; a
+        record that reached the portal without its steps is reported, not rebuilt into a dossier without a
+        status (which the portal would refuse and the city would store), and the old disk brings it back."""
+        async with running_upstreams(tmp_path / "ups") as ups:
+            # Two retriable failures park a dossier for a target: it is then left alone until it changes.
+            path = write_config(tmp_path, ups, replace={"max_attempts = 8": "max_attempts = 2"})
+            config = load(path)
+            step = {"TrangThai": 4, "NguoiXuLy": "Lê Văn Tám", "NoiDungXuLy": "Thụ lý"}
+            async with running_node(config) as (node, base, session):
+                made = [d["MaHoSo"] for d in await accept(session, base, 3)]
+                await wait_synced(node)
+                expected: dict[str, str] = {}
+                for code, refusing, taking in ((made[1], "city", "national"), (made[2], "national", "city")):
+                    await ups.fault(refusing, mode="partial", rate=1.0)
+                    async with session.post(f"{base}/api/v1/dossiers/{code}/steps", json=step) as r:
+                        assert r.status == 201
+                        expected[code] = (await r.json())["digest"]
+                    await held_by(ups, taking, code, expected[code])  # one upstream has the step, the other not
+                    for _ in range(400):
+                        row = await node.store.fetchone(
+                            "SELECT state FROM replication WHERE target = ? AND code = ?", (refusing, code)
+                        )
+                        if row[0] == "parked":
+                            break
+                        await asyncio.sleep(0.05)
+                    assert row[0] == "parked"
+                    await ups.clear(refusing)
+                for t in TARGETS:
+                    await ups.fault(t, mode="down")
+                (partial,) = await accept(session, base, 1, "partial")
+                row = await node.store.fetchone("SELECT record FROM dossiers WHERE code = ?", (partial["MaHoSo"],))
+                record = json.loads(node.store.sealer.record(partial["MaHoSo"], row[0]))
+            for t in TARGETS:
+                await ups.clear(t)
+            await portal_record_only(ups, record)
+            old = tmp_path / "old-disk"
+            shutil.copytree(config.data_path, old)
+            shutil.rmtree(config.data_path)
+
+            done = await asyncio.to_thread(cli, "bootstrap", "--config", str(path), "--from", source, "--json",
+                                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            report = json.loads(done.stdout)
+            assert report["incomplete"] == [partial["MaHoSo"]] and report["dossiers"] == 3
+            async with running_node(config) as (node, base, session):
+                got = await digests(node)
+                assert {c: got[c] for c in expected} == expected  # both steps are back, from either source
+                for rep in node.replicators.values():
+                    await rep.run_once()
+                await wait_synced(node)
+                async with session.get(f"{base}/api/v1/dead-letters") as r:
+                    assert (await r.json())["items"] == []
+                assert partial["MaHoSo"] not in got
+                assert partial["MaHoSo"] not in await ups.dossiers("city", UNIT)  # nothing half spread to the city
+                for t in TARGETS:
+                    held = await ups.dossiers(t, UNIT)
+                    assert {c: held[c] for c in got} == got
+
+            done = await asyncio.to_thread(cli, "merge-store", "--config", str(path), str(old), "--json",
+                                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["created"] == [partial["MaHoSo"]]
+            async with running_node(config) as (node, base, session):
+                await wait_synced(node)
+                got = await digests(node)
+                assert got[partial["MaHoSo"]] == partial["digest"]
+                for t in TARGETS:
+                    assert await ups.dossiers(t, UNIT) == got
+                    assert (await ups.stats(t))["duplicates"] == 0
+
+
+class TestBootstrapMidDrill:
+    @pytest.mark.slow
+    async def test_checker_finds_nothing_lost_that_an_upstream_had(self, tmp_path: Path) -> None:
+        """Desks keep working through a disk loss and a bootstrap; the drill's checker then finds every
+        dossier and step any upstream held at the crash on the node and on both upstreams, nothing stored
+        twice, nothing foreign. What no upstream held is exactly what the checker reports lost on the full
+        record, and the bootstrap's report accounts for each one. When the old disk returns, merge-store
+        brings those back and the checker finds nothing lost at all.
+        """
+        async with running_upstreams(tmp_path / "ups") as ups:
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            path = write_config(tmp_path, ups, listen=f"127.0.0.1:{port}")
+            data, old, log = tmp_path / "data", tmp_path / "old-disk", tmp_path / "node.log"
+            attempted: dict[str, dict[str, str]] = {}
+            acked: dict[str, str] = {}
+            # dossier id -> what the desk was told, in order: (digest, step note or None, told before the crash)
+            told: dict[str, list[tuple[str, str | None, bool]]] = {}
+            crashed = False
+            stop = asyncio.Event()
+            auth = {"Authorization": f"Bearer {provision_token(path)}"}
+
+            async def desk(w: int, http: aiohttp.ClientSession) -> None:
+                i = 0
+                while not stop.is_set():
+                    did = f"{w}-{i}"
+                    i += 1
+                    attempted[did] = {"unit": UNIT, "competent": UNIT}
+                    body = valid_intake(ChuHoSo=f"Người dân {did}", ThongTinKhac=f"drill:{did}")
+                    try:
+                        async with http.post(f"{url}/api/v1/dossiers", json=body, headers=auth) as r:
+                            if r.status != 201:
+                                await asyncio.sleep(0.1)
+                                continue
+                            d = await r.json()
+                        acked[did] = d["MaHoSo"]
+                        told[did] = [(d["digest"], None, not crashed)]
+                        if i % 2:
+                            note = f"Thụ lý {did}"
+                            step = {"TrangThai": 4, "NguoiXuLy": "Lê Văn Tám", "NoiDungXuLy": note}
+                            async with http.post(
+                                f"{url}/api/v1/dossiers/{d['MaHoSo']}/steps", json=step, headers=auth
+                            ) as r:
+                                if r.status == 201:
+                                    told[did].append(((await r.json())["digest"], note, not crashed))
+                    except (aiohttp.ClientError, TimeoutError):
+                        await asyncio.sleep(0.1)  # the node is down: the desk tries the next one later
+
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                async with asyncio.TaskGroup() as tg:
+                    for w in range(3):
+                        tg.create_task(desk(w, http))
+                    async with serving(path, url, http, log) as proc:
+                        while len(acked) < 30:  # noqa: ASYNC110 - polling what the desks record
+                            await asyncio.sleep(0.05)
+                        proc.send_signal(signal.SIGKILL)
+                        await asyncio.to_thread(proc.wait, 10)
+                        crashed = True
+                    at_crash = {t: await ups.dossiers(t, UNIT) for t in TARGETS}
+                    await asyncio.to_thread(shutil.copytree, data, old)
+                    await asyncio.to_thread(shutil.rmtree, data)
+                    done = await asyncio.to_thread(
+                        cli, "bootstrap", "--config", str(path), "--from", "national", "--json", cwd=tmp_path
+                    )
+                    assert done.returncode == 0, done.stderr
+                    report = json.loads(done.stdout)
+                    auth["Authorization"] = f"Bearer {await asyncio.to_thread(provision_token, path)}"
+                    async with serving(path, url, http, log):
+                        after_crash = len(acked)
+                        while len(acked) < after_crash + 30:  # noqa: ASYNC110 - polling what the desks record
+                            await asyncio.sleep(0.05)
+                        stop.set()
+                # The desks have stopped: the node settles with both upstreams, then stops cleanly.
+                http.headers.update(auth)
+                incomplete = set(report["incomplete"])  # on the portal without steps: not rebuilt
+                async with serving(path, url, http, log):
+                    await settled(ups, http, url, ignore=incomplete)
+                nodes = {UNIT: await asyncio.to_thread(read_node_store, data / "wardsync.sqlite3")}
+                upstreams = {t: await ups.dossiers(t, UNIT) for t in TARGETS}
+                duplicates = {t: int((await ups.stats(t))["duplicates"]) for t in TARGETS}
+
+                # The old disk comes back.
+                done = await asyncio.to_thread(cli, "merge-store", "--config", str(path), str(old), cwd=tmp_path)
+                assert done.returncode == 0, done.stderr
+                async with serving(path, url, http, log):
+                    await settled(ups, http, url)
+                nodes_after = {UNIT: await asyncio.to_thread(read_node_store, data / "wardsync.sqlite3")}
+                upstreams_after = {t: await ups.dossiers(t, UNIT) for t in TARGETS}
+                duplicates_after = {t: int((await ups.stats(t))["duplicates"]) for t in TARGETS}
+
+        assert len(set(acked.values())) == len(acked), "one code was given to two dossiers"
+        # What any upstream held at the crash: the last thing a desk was told whose digest an upstream had.
+        held_digests: dict[str, set[str]] = {}
+        for t in TARGETS:
+            for code, digest in at_crash[t].items():
+                held_digests.setdefault(code, set()).add(digest)
+        kept_acked: dict[str, str] = {}
+        kept_steps: dict[str, list[list[Any]]] = {}
+        unrecoverable: list[str] = []
+        steps_unrecoverable = 0
+        for did, code in acked.items():
+            history = told[did]
+            before = [k for k, (_, _, pre) in enumerate(history) if pre]
+            held = [k for k in before if history[k][0] in held_digests.get(code, set())]
+            if before and not held:
+                unrecoverable.append(code)  # taken before the crash, never reached an upstream whole
+                continue
+            upto = held[-1] if held else -1
+            kept_acked[did] = code
+            steps = [[4, note] for k, (_, note, pre) in enumerate(history) if note and (not pre or k <= upto)]
+            steps_unrecoverable += sum(1 for k, (_, note, pre) in enumerate(history) if note and pre and k > upto)
+            if steps:
+                kept_steps[did] = steps
+        all_steps = {did: [[4, n] for _, n, _ in h if n] for did, h in told.items() if any(n for _, n, _ in h)}
+        assert len(acked) >= 60 and len(kept_acked) >= 50
+
+        result = check(Snapshot(attempted=attempted, acked=kept_acked, acked_steps=kept_steps, nodes=nodes,
+                                upstreams=upstreams, upstream_duplicates=duplicates))
+        assert result["lost"] == 0 and result["duplicated"] == 0, result["examples"]
+        # A record the portal holds without its steps is the one thing not rebuilt: on the portal alone.
+        assert incomplete <= set(unrecoverable)
+        assert result["unexpected"] == result["diverged"] == len(incomplete), result["examples"]
+        assert result["converged"] == (not incomplete)
+
+        # On the full record the checker names exactly what no upstream had, and the report accounted for it.
+        full = check(Snapshot(attempted=attempted, acked=acked, acked_steps=all_steps, nodes=nodes,
+                              upstreams=upstreams, upstream_duplicates=duplicates))
+        assert full["lost_dossiers"] == len(unrecoverable)
+        assert full["lost_steps"] == steps_unrecoverable
+        last = seq_of(report["last_code"]) if report["last_code"] else ("", 0)
+        for code in unrecoverable:
+            assert code in report["gaps"] or code in incomplete or seq_of(code) > last, code
+            assert seq_of(code) <= seq_of(report["reserved"]["last"])  # no new intake could take its code
+
+        # With the old disk merged back, nothing the desks were told about is missing anywhere.
+        final = check(Snapshot(attempted=attempted, acked=acked, acked_steps=all_steps, nodes=nodes_after,
+                               upstreams=upstreams_after, upstream_duplicates=duplicates_after))
+        assert final["ok"], final["examples"]
+        assert final["lost"] == 0 and final["acknowledged"] == len(acked)
+
+
+async def settled(ups: Upstreams, http: aiohttp.ClientSession, url: str, *, ignore: set[str] = frozenset(),
+                  within_s: float = 40) -> None:
+    """Until both upstreams hold what the node holds (codes in ``ignore`` left out of the comparison)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        local = await node_digests(http, url)
+        held = {t: {c: d for c, d in (await ups.dossiers(t, UNIT)).items() if c not in ignore} for t in TARGETS}
+        if all(held[t] == local for t in TARGETS):
+            return
+        if time.monotonic() > deadline:
+            diff = {t: sorted(set(held[t].items()) ^ set(local.items()))[:6] for t in TARGETS}
+            raise AssertionError(f"the node and the upstreams never settled: {diff}")
+        await asyncio.sleep(0.2)

@@ -184,6 +184,12 @@ def _bootstrap(args: argparse.Namespace) -> int:
             f"  {report['gap_count']} codes of this unit are missing from every upstream (may be unrecoverable):"
             f" {', '.join(report['gaps'][:20])}" + (" …" if report["gap_count"] > 20 else "")
         )
+    if report.get("incomplete"):
+        lines.append(
+            f"  {len(report['incomplete'])} dossiers reached the portal without their steps and no other upstream"
+            f" holds them, so they were not rebuilt (may be unrecoverable): {', '.join(report['incomplete'][:20])}"
+            + (" …" if len(report["incomplete"]) > 20 else "")
+        )
     lines.append(
         f"  last code any upstream holds: {report['last_code'] or 'none'}. A dossier accepted after the last"
         " push before the disk was lost is unknown upstream and cannot be recovered from it; if the old disk"

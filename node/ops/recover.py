@@ -62,11 +62,12 @@ class SourceReport:
     fetched: int = 0
     created: int = 0  # dossiers new to the store
     updated: int = 0  # dossiers the store held, changed by the merge
-    kept: int = 0  # held already and left alone (a complementary source only fills gaps)
+    kept: int = 0  # held already with the same digest, left alone (a complementary source only fills gaps)
     refused: int = 0
     in_sync: int = 0  # recorded as held by this upstream: never pushed to it again
     to_push: int = 0  # the upstream holds another version: the node pushes its own as an update
     error: str | None = None
+    incomplete: list[str] = field(default_factory=list)  # a portal record without its steps: not created
     codes: list[str] = field(default_factory=list, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -138,8 +139,15 @@ async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> 
     """Fetch the unit's dossiers from ``upstream`` and merge them; record what it holds as acknowledged.
 
     ``mode`` "merge" merges every dossier the feed lists after ``since`` (the store's pull cursor for a
-    restore, 0 for a rebuild); "fill" only adds dossiers the store lacks and otherwise just records what
-    the upstream holds. Raises :class:`UpstreamError` when the upstream cannot be read.
+    restore, 0 for a rebuild); "fill" adds dossiers the store lacks, and of a dossier it holds with another
+    digest takes only what the first source did not have: the city's history (a CRDT merge), the portal's
+    steps, documents and fees (its fields are not written over the first source's). Raises
+    :class:`UpstreamError` when the upstream cannot be read.
+
+    A portal record without any step is a dossier whose record reached the portal and whose steps did not
+    (the disk was lost between the two calls): a Doc built from it would have no status, and pushing it
+    would be refused by the portal and spread a dossier without its history to the city. It is not created
+    from the portal; it is listed as ``incomplete`` (the city, or the old disk, can bring it back whole).
     """
     store, service, unit = node.store, node.service, node.config.node.unit
     report = SourceReport(upstream.name)
@@ -153,7 +161,7 @@ async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> 
 
     async def one(code: str) -> None:
         async with gate:
-            row = await store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
+            row = await store.fetchone("SELECT state, record, digest FROM dossiers WHERE code = ?", (code,))
             state = store.sealer.state(code, row[0]) if row is not None else None
             sv = pycrdt.get_state(state) if state is not None and upstream.name == "city" else None
             fetched = await upstream.fetch(code, sv)
@@ -166,7 +174,12 @@ async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> 
             remote[code] = (fetched.digest, ack_for(fetched.record))
         else:
             remote[code] = (fetched.digest, fetched.state_vector)
-        if row is not None and mode == "fill":
+        if row is None and fetched.record is not None and not fetched.record.get("QuaTrinhXuLy"):
+            report.incomplete.append(code)
+            log.warning("recover_incomplete", target=upstream.name, code=code)
+            return
+        fill = row is not None and mode == "fill"
+        if fill and str(row[2]) == fetched.digest:
             report.kept += 1
             if fetched.record is not None:  # what the portal holds is the base of later three-way merges
                 await service.merge(Merge(code, b"", upstream.name, base=dict(fetched.record)))
@@ -175,8 +188,11 @@ async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> 
             op = Merge(code, fetched.update, upstream.name)
         elif fetched.record is not None:
             local = json.loads(store.sealer.record(code, row[1])) if row is not None else None
-            base_row = await store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
-            base = json.loads(store.sealer.base(code, base_row[0])) if base_row is not None else None
+            if fill:  # the portal's record as the base: only its steps, documents and fees are taken
+                base: dict[str, Any] | None = dict(fetched.record)
+            else:
+                base_row = await store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
+                base = json.loads(store.sealer.base(code, base_row[0])) if base_row is not None else None
             assert portal_cid is not None
             update = portal_update(
                 code, state, local, base, fetched.record, client_id=portal_cid, hlc=service.hlc
@@ -310,6 +326,8 @@ async def catch_up(node: Node, upstreams: list[Upstream], *, modes: dict[str, st
     seeded = await node.service.seed_counters(codes)
     local = [str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")]
     gaps, last = sequence_gaps([*codes, *local], node.config.node.agency_code)
+    held = set(local)
+    incomplete = sorted({c for r in reports for c in r.incomplete if c not in held})
     complete = bool(reports) and all(r.error is None for r in reports)
     await _set_meta(node, "seed_counters", None if complete else "pending")
     return {
@@ -318,6 +336,7 @@ async def catch_up(node: Node, upstreams: list[Upstream], *, modes: dict[str, st
         "counters": seeded,
         "gaps": gaps[:MAX_LISTED_GAPS],
         "gap_count": len(gaps),
+        "incomplete": incomplete,
         "last_code": last,
         "complete": complete,
     }
@@ -354,11 +373,17 @@ async def reserve_today(node: Node, codes: Iterable[str]) -> dict[str, Any]:
 
 
 async def bootstrap(config: Config, source: str) -> dict[str, Any]:
-    """Rebuild an empty store from the upstreams: ``source`` first, the other one only fills its gaps."""
+    """Rebuild an empty store from the upstreams; ``source`` must answer, the other is used when it does.
+
+    The city system is read first whichever is the source: it keeps each dossier's CRDT history, so the
+    Docs come back as they were. The portal then adds what the city lacks (dossiers, steps, documents and
+    fees). The other way round, a Doc built from the portal's record and then merged with the city's Doc
+    of the same dossier holds its steps twice over, from two writers with differently derived stamps; such
+    a merge was seen to give a digest that neither upstream held.
+    """
     async with upstreams_of(config) as ups, offline_node(config) as node:
-        by_name = {u.name: u for u in ups}
-        ordered = [by_name[source], *(u for n, u in by_name.items() if n != source)]
-        modes = {source: "merge", **{n: "fill" for n in by_name if n != source}}
+        ordered = sorted(ups, key=lambda u: u.name != "city")
+        modes = {u.name: "merge" if i == 0 else "fill" for i, u in enumerate(ordered)}
         report = await catch_up(node, ordered, modes=modes, required=source)
         report["source"] = source
         report["client_id"] = node.service.client_id
