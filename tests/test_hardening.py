@@ -1,4 +1,5 @@
-"""Hardened input and a full disk, end to end over a real loopback socket and a real SQLite file.
+"""Hardening, end to end (real loopback sockets, SQLite files, subprocesses): input limits, a full disk,
+file modes, TLS and the peer token.
 
 What tests/test_api.py, test_validation.py, test_ws.py and test_store.py already check is not repeated
 here; this file covers what they leave open:
@@ -9,7 +10,7 @@ here; this file covers what they leave open:
   intake, steps, PATCH and a document's form fields, with lengths counted after composing;
 * field lengths of DOMAIN.md (TrichYeuHoSo 1000, NguoiXuLy 50) at the boundary over HTTP, PATCH included;
 * a full disk (a page-limited database, as TestDiskFull does) on every write route besides intake and
-  steps (fees, PATCH, document upload): 507, the dossier and its audit log unchanged, an Idempotency-Key
+  steps (fees, PATCH, document upload): 507, the dossier unchanged and its audit log intact, an Idempotency-Key
   not burnt by the refusal, writes resuming once space returns;
 * a really full file system (a small tmpfs mounted as the data directory; needs root, skipped otherwise):
   a document that does not fit and intakes that do not fit are 507 and leave nothing half-written;
