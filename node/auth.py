@@ -78,6 +78,14 @@ def parse_roles(text: str | Iterable[str]) -> list[str]:
     return [r for r in ROLES if r in wanted]
 
 
+def same_secret(sent: str, expected: str) -> bool:
+    """Constant-time comparison of a secret a client sent with ours; whatever text it sends is merely unequal.
+
+    ``hmac.compare_digest`` refuses str with non-ASCII characters (a TypeError, so a 500), hence bytes.
+    """
+    return hmac.compare_digest(sent.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
@@ -339,7 +347,7 @@ async def auth_middleware(request: web.Request, handler: Callable[[web.Request],
                     form = await read_form(request)
                     field = form.get("csrf")
                     sent = field if isinstance(field, str) else None
-                if sent is None or not hmac.compare_digest(sent, session.csrf):
+                if sent is None or not same_secret(sent, session.csrf):
                     log.warning("auth_failed", reason="csrf", remote=remote, method=request.method, path=request.path)
                     raise ApiError(403, "csrf_failed", f"a signed-in browser must send its {CSRF_HEADER} with changes")
             principal = session.principal

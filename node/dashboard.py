@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hmac
 import importlib.resources
 import json
 import secrets
@@ -187,7 +186,7 @@ async def login(request: web.Request) -> web.Response:
     nxt = _safe_next(str(form.get("next") or "/"))
     expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
     sent = str(form.get("csrf") or "")
-    if not expected or not hmac.compare_digest(expected.encode(), sent.encode()):
+    if not expected or not auth.same_secret(sent, expected):
         return _login_page(
             request, status=403, nxt=nxt, error="Biểu mẫu đã hết hạn, hãy thử lại · The form expired, try again"
         )
@@ -237,7 +236,7 @@ async def logout(request: web.Request) -> web.Response:
     if session is not None:
         form = await auth.read_form(request)
         sent = str(form.get("csrf") or request.headers.get(auth.CSRF_HEADER) or "")
-        if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+        if not auth.same_secret(sent, session.csrf):
             raise ApiError(403, "csrf_failed", "a signed-in browser must send its CSRF token to sign out")
         guard.close_session(sid)
     response = web.HTTPSeeOther("/login")

@@ -237,8 +237,8 @@ def json_body(draw: st.DrawFn, doc: Mapping[str, Any], schema: Any, example: Map
     """A body for an application/json operation: mostly JSON in some shape, sometimes bytes that are not."""
     shape = draw(
         st.sampled_from(
-            ["schema", "example", "example", "mutated", "mutated", "any", "deep", "huge", "broken", "bad-utf8",
-             "empty", "oversize", "bom", "nan"]
+            ["schema", "example", "example", "example", "mutated", "mutated", "mutated", "mutated", "any", "deep",
+             "huge", "broken", "bad-utf8", "empty", "oversize", "bom", "nan"]
         )
     )
     if shape == "schema":
@@ -327,9 +327,15 @@ def fuzz_request(
     examples: Mapping[str, Mapping[str, Any]],
     path_values: Mapping[str, list[str]],
     token: str,
+    session: tuple[str, str] | None = None,
 ) -> tuple[Operation, FuzzRequest]:
-    """One request against one operation of the document, with the auth header mostly right."""
-    op = draw(st.sampled_from(ops))
+    """One request against one operation of the document, with the auth header mostly right.
+
+    ``session`` is a signed-in browser's (cookie, CSRF token): some requests carry the cookie instead of the
+    token, with the right CSRF token, a wrong one or none.
+    """
+    # Operations that take a body are drawn three times as often: that is where the writes are.
+    op = draw(st.sampled_from([o for o in ops for _ in range(3 if o.body else 1)]))
     method = op.method if draw(st.integers(0, 9)) else draw(st.sampled_from(METHODS))
     path = op.path
     query: list[tuple[str, str]] = []
@@ -382,7 +388,7 @@ def fuzz_request(
     if content_type is not None:
         headers.append(("Content-Type", _header_bytes(content_type)))
 
-    auth = draw(st.sampled_from(["valid"] * 8 + ["none", "wrong", "malformed"]))
+    auth = draw(st.sampled_from(["valid"] * 8 + ["none", "wrong", "malformed"] + ["cookie"] * 2 * bool(session)))
     other = auth == "wrong" or op.path == "/login"
     if auth == "valid":
         headers.append(("Authorization", f"Bearer {token}".encode()))
@@ -392,6 +398,12 @@ def fuzz_request(
     elif auth == "malformed":
         malformed = ["Bearer", "Basic dXNlcjpwYXNz", "Bearer   ", token, "bearer\t" + token]
         headers.append(("Authorization", _header_bytes(draw(st.sampled_from(malformed)))))
+    elif auth == "cookie" and session is not None:
+        cookie, csrf = session
+        headers.append(("Cookie", f"wardsync_session={cookie}".encode()))
+        sent = draw(st.one_of(st.none(), st.just(csrf), nasty_text()))
+        if sent is not None:
+            headers.append(("X-CSRF-Token", _header_bytes(sent)))
     if draw(st.integers(0, 9)) == 0:
         headers.append(("Accept", draw(st.sampled_from([b"text/html", b"application/pdf", b"*/*", b"\xff"]))))
     return op, FuzzRequest(op.label, method, target, headers, body, other)

@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ class Target:
     db: Path
     stderr: Path
     path_values: dict[str, list[str]] = field(default_factory=dict)
+    session: tuple[str, str] | None = None  # a signed-in browser's (cookie, CSRF token)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def call(self, method: str, path: str, body: Any = None, **headers: str) -> Answer:
@@ -142,6 +144,25 @@ def _upload(target: Target, code: str) -> str:
     return str(documents[0]["Sha256"])
 
 
+def _sign_in(target: Target) -> tuple[str, str]:
+    """Sign in as a browser does (form, CSRF cookie, token); the session cookie and the page's CSRF token."""
+    form = send(HOST, target.port, FuzzRequest("setup", "GET", "/login"))
+    login_csrf = re.search(r"wardsync_login_csrf=([^;]+)", form.headers.get("Set-Cookie", ""))
+    assert form.status == 200 and login_csrf, form.headers
+    body = urllib.parse.urlencode({"csrf": login_csrf.group(1), "token": target.token, "next": "/"}).encode()
+    heads = [("Content-Type", b"application/x-www-form-urlencoded"),
+             ("Cookie", f"wardsync_login_csrf={login_csrf.group(1)}".encode())]
+    # From the other address, like every sign-in the fuzzer sends.
+    signed = send(HOST, target.port, FuzzRequest("setup", "POST", "/login", heads, body, other_address=True))
+    cookie = re.search(r"wardsync_session=([^;]+)", signed.headers.get("Set-Cookie", ""))
+    assert signed.status == 303 and cookie, (signed.status, signed.body[:300])
+    with_cookie = [("Cookie", f"wardsync_session={cookie.group(1)}".encode())]
+    page = send(HOST, target.port, FuzzRequest("setup", "GET", "/", with_cookie))
+    csrf = re.search(r'<meta name="csrf-token" content="([^"]+)">', page.body.decode())
+    assert page.status == 200 and csrf, page.status
+    return cookie.group(1), csrf.group(1)
+
+
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     root = tmp_path_factory.mktemp("fuzz")
@@ -184,6 +205,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
             "target": ["national", "city"],
             "name": ["dashboard.css", "dashboard.js", "fleet.js", "../app.py"],
         }
+        t.session = _sign_in(t)
         yield t
     finally:
         for proc in reversed(procs):
@@ -258,7 +280,8 @@ def fuzz(target: Target, examples: int) -> dict[str, int]:
     )
     @given(data=st.data())
     def one(data: st.DataObject) -> None:
-        op, req = data.draw(fuzz_request(doc, ops, EXAMPLES, target.path_values, target.token), label="request")
+        drawn = fuzz_request(doc, ops, EXAMPLES, target.path_values, target.token, target.session)
+        op, req = data.draw(drawn, label="request")
         answer = send(HOST, target.port, req)
         key = f"{answer.status}"
         seen[key] = seen.get(key, 0) + 1
@@ -354,6 +377,42 @@ class TestFoundByFuzzing:
         assert answer.status == 400, answer.body
         assert error_envelope_problem(answer) is None, answer.body
         assert json.loads(answer.body)["error"]["code"] == "malformed_form"
+
+
+class TestCsrfTokens:
+    """A signed-in browser's CSRF token compared with any text the client sends: unequal is a 403, never a 500."""
+
+    SENT = ("\u202e\u0301", "ẫ" * 40, "")
+
+    @pytest.mark.parametrize("sent", SENT, ids=["bidi", "vietnamese", "empty"])
+    def test_change_with_a_non_ascii_csrf_header(self, target: Target, sent: str) -> None:
+        assert target.session is not None
+        cookie, _ = target.session
+        heads = [("Cookie", f"wardsync_session={cookie}".encode()), ("X-CSRF-Token", sent.encode()),
+                 ("Content-Type", b"application/json")]
+        body = json.dumps(EXAMPLES["POST /api/v1/dossiers/{code}/steps"]).encode()
+        code = target.path_values["code"][2]
+        answer = send(HOST, target.port, FuzzRequest("t", "POST", f"/api/v1/dossiers/{code}/steps", heads, body))
+        assert answer.status == 403, answer.body
+        assert json.loads(answer.body)["error"]["code"] == "csrf_failed"
+
+    @pytest.mark.parametrize("sent", SENT, ids=["bidi", "vietnamese", "empty"])
+    def test_sign_out_with_a_non_ascii_csrf_field(self, target: Target, sent: str) -> None:
+        assert target.session is not None
+        cookie, _ = target.session
+        heads = [("Cookie", f"wardsync_session={cookie}".encode()),
+                 ("Content-Type", b"application/x-www-form-urlencoded")]
+        body = urllib.parse.urlencode({"csrf": sent}).encode()
+        answer = send(HOST, target.port, FuzzRequest("t", "POST", "/logout", heads, body))
+        assert answer.status == 403, answer.body
+        assert json.loads(answer.body)["error"]["code"] == "csrf_failed"
+
+    def test_sign_in_with_a_non_ascii_form_token(self, target: Target) -> None:
+        heads = [("Cookie", b"wardsync_login_csrf=abc"), ("Content-Type", b"application/x-www-form-urlencoded")]
+        body = urllib.parse.urlencode({"csrf": "ẫbc", "token": target.token}).encode()
+        answer = send(HOST, target.port, FuzzRequest("t", "POST", "/login", heads, body, other_address=True))
+        assert answer.status == 403, answer.body
+        assert answer.content_type == "text/html"  # the form again, as documented
 
 
 class TestProtocolGarbage:
