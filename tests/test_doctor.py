@@ -278,7 +278,8 @@ class TestDataDirectory:
         assert "777" in check["detail"] and check["fix"] == f"chmod -R o-rwx {data}"
         assert rc == 1
 
-        data.chmod(0o755)  # what a plain mkdir gives: the store's files (0644, as SQLite makes them) readable
+        data.chmod(0o755)  # a plain mkdir under umask 022, with the store as SQLite makes it under that umask
+        (data / "wardsync.sqlite3").chmod(0o644)
         rc, checks = await doctor(config, "--min-free-mb", "1")
         check = checks["data directory"]
         assert check["status"] == "warning" and "open to all users" in check["detail"], check
