@@ -24,7 +24,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from node.app import serve
 from node.config import DEMO_PASSWORD, DEMO_USERNAME
+from node.ops import lock
 from node.ops.recover import RESERVE_MIN, sequence_gaps
 from simulations.checker import Snapshot, check, read_node_store
 from tests.conftest import AGENCY, UNIT, make_config, provision_token, running_node, valid_intake
@@ -303,6 +305,37 @@ class TestSequenceGaps:
         gaps, last = sequence_gaps(codes, AGENCY)
         assert gaps == [f"{AGENCY}-250701-0002", f"{AGENCY}-250701-0003", f"{AGENCY}-250702-0001"]
         assert last == f"{AGENCY}-250702-0002"
+
+
+class TestBootstrapRefusals:
+    async def test_refused_while_serving_and_force_keeps_the_store_aside(self, tmp_path: Path) -> None:
+        async with running_upstreams(tmp_path / "ups") as ups:
+            path = write_config(tmp_path, ups)
+            config = load(path)
+            async with running_node(config) as (node, base, session):
+                made = await accept(session, base, 2)
+                await wait_synced(node)
+            stop = asyncio.Event()
+            task = asyncio.create_task(serve(config, stop=stop, announce=lambda _: None))
+            try:
+                for _ in range(200):
+                    if lock.holder(config.data_path) is not None:
+                        break
+                    await asyncio.sleep(0.02)
+                done = await asyncio.to_thread(
+                    cli, "bootstrap", "--config", str(path), "--from", "city", "--force", cwd=tmp_path
+                )
+                assert done.returncode == 1 and "stop it first" in done.stderr, done.stderr
+            finally:
+                stop.set()
+                await task
+            done = await asyncio.to_thread(cli, "bootstrap", "--config", str(path), "--from", "city", "--force",
+                                           cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            (aside,) = config.data_path.glob("replaced-*/wardsync.sqlite3")  # the store it replaced, kept
+            async with running_node(config) as (node, _, _):
+                assert set(await digests(node)) == {d["MaHoSo"] for d in made}
+        assert aside.stat().st_size > 0
 
 
 class TestMergeStoreCollision:
