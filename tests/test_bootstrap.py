@@ -600,8 +600,10 @@ class TestBootstrapMidDrill:
         assert final["lost"] == 0 and final["acknowledged"] == len(acked)
 
 
-async def settled(ups: Upstreams, http: aiohttp.ClientSession, url: str, *, ignore: set[str] = frozenset(),
-                  within_s: float = 40) -> None:
+async def settled(
+    ups: Upstreams, http: aiohttp.ClientSession, url: str, *, ignore: frozenset[str] | set[str] = frozenset(),
+    within_s: float = 40,
+) -> None:
     """Until both upstreams hold what the node holds (codes in ``ignore`` left out of the comparison)."""
     deadline = time.monotonic() + within_s
     while True:
