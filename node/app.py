@@ -139,7 +139,13 @@ class Node:
             for name, guarded in self.guarded.items():
                 portal_cid = await self.service.client_id_for(name) if name == "national" else None
                 self.pullers[name] = Puller(
-                    self.store, self.service, guarded, unit=self.config.node.unit, portal_client_id=portal_cid
+                    self.store,
+                    self.service,
+                    guarded,
+                    unit=self.config.node.unit,
+                    portal_client_id=portal_cid,
+                    # A dossier first seen on the portal is taken from the city's Doc when the city has it.
+                    doc_source=self.guarded.get("city") if name == "national" else None,
                 )
                 self.antientropy[name] = AntiEntropy(
                     self.store,

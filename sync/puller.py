@@ -5,6 +5,13 @@ echoes of its own pushes are empty). From the portal it fetches the record and m
 diff against the last record acknowledged by or pulled from the portal (:mod:`sync.merge`). The feed
 cursor is committed in the same transaction as the last merge of a page, so a crash re-reads at most a
 page, and merging twice changes nothing.
+
+A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. When
+the city system is configured too, the portal's puller takes that Doc from the city first and merges the
+portal's record into it, so the node does not start a second, independent copy of every field under its
+portal writer (which would meet the receiving unit's Doc later as a concurrent write of every field, and
+could let that stale copy win over a later edit). Only when the city cannot give the Doc is the dossier
+created from the portal's record alone.
 """
 
 from __future__ import annotations
@@ -16,11 +23,16 @@ from typing import Any
 import pycrdt
 import structlog
 
-from adapters.base import Fetched, Upstream
+from adapters.base import Fetched, Upstream, UpstreamError
+from failover.breaker import BreakerState
+from failover.windows import GuardedUpstream
 from node.errors import ApiError
 from node.service import DossierService, Merge
 from node.store import Store
+from sync import doc as ydoc
 from sync.merge import portal_update
+from sync.record import materialise
+from sync.yupdate import Refused, decode_update
 
 log = structlog.get_logger()
 
@@ -36,6 +48,7 @@ class Puller:
         *,
         unit: str,
         portal_client_id: int | None = None,
+        doc_source: Upstream | None = None,
         page_size: int = 200,
         concurrency: int = 8,
     ) -> None:
@@ -45,6 +58,8 @@ class Puller:
         self.target = upstream.name
         self.unit = unit
         self.portal_client_id = portal_client_id
+        # Where the portal's puller takes the Doc of a dossier it has not held yet (the city system).
+        self.doc_source = doc_source
         self.page_size = page_size
         self._sem = asyncio.Semaphore(concurrency)
         self.pulled = 0
@@ -117,5 +132,36 @@ class Puller:
         state, local = (sealer.state(code, row[0]), json.loads(sealer.record(code, row[1]))) if row else (None, None)
         base = json.loads(sealer.base(code, base_row[0])) if base_row is not None else None
         assert self.portal_client_id is not None
+        existing = await self._existing_doc(code) if state is None else None
+        if existing is not None:
+            state, local = existing
         update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id, hlc=self.service.hlc)
+        if existing is not None:
+            update = pycrdt.merge_updates(existing[0], update) if update else existing[0]
         return Merge(code, update or b"", self.target, base=dict(remote))
+
+    async def _existing_doc(self, code: str) -> tuple[bytes, dict[str, Any]] | None:
+        """The city system's Doc of a dossier this node has not held yet, and its record; None when the city
+        does not hold it, cannot be reached, or holds something that is not this dossier."""
+        if self.doc_source is None:
+            return None
+        if isinstance(self.doc_source, GuardedUpstream) and self.doc_source.breaker.state is not BreakerState.CLOSED:
+            return None  # not while the city is failing: each new dossier would wait for its timeout
+        try:
+            fetched = await self.doc_source.fetch(code, None)
+        except UpstreamError as exc:
+            log.info("pull_doc_unavailable", target=self.target, source=self.doc_source.name, code=code, error=str(exc))
+            return None
+        if fetched is None or not fetched.update:
+            return None
+        try:
+            decode_update(fetched.update)
+            doc = ydoc.load_doc(code, fetched.update, self.portal_client_id or 0)
+            record = materialise(doc)[0]
+        except Exception as exc:  # pycrdt reports a malformed update with various exception types
+            reason = exc.message if isinstance(exc, Refused) else str(exc)
+            log.warning("pull_doc_refused", target=self.target, source=self.doc_source.name, code=code, reason=reason)
+            return None
+        if record.get("MaHoSo") != code:
+            return None
+        return fetched.update, record

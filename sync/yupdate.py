@@ -7,11 +7,13 @@ only hold plain values under keys of its four root Maps.
 
 from __future__ import annotations
 
+import json
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sync.record import DOCUMENTS, FEES, FIELDS, STEPS
+from sync.record import DOCUMENTS, FEES, FIELDS, STEPS, normalise
 
 ROOTS = (FIELDS, STEPS, DOCUMENTS, FEES)
 
@@ -297,7 +299,15 @@ def _map_items(state: bytes) -> tuple[list[_MapItem], list[tuple[int, int, int]]
 def field_conflicts(state: bytes, root: str = "fields") -> list[dict[str, Any]]:
     """Values of ``root`` keys that lost a concurrent edit: replaced without their writer's successor
     having seen them. The same on every replica that holds the same state (the Doc keeps deleted values:
-    Docs are created with garbage collection off for that reason)."""
+    Docs are created with garbage collection off for that reason).
+
+    A value written again, equal, by another writer that had not seen the first write (a dossier created
+    from the portal's record next to the receiving unit's Doc, or a portal value copied by a node's portal
+    writer) is the same edit, not a conflict: a value equal to the kept one is never listed, a value one
+    of whose independent copies was overwritten knowingly is not listed, and an overwrite that only copies
+    a value written concurrently elsewhere does not hide the value it replaced. Each lost value of a key
+    is listed once.
+    """
     items, deletes = _map_items(state)
     by_id: dict[tuple[int, int], _MapItem] = {(i.client, i.clock): i for i in items}
 
@@ -322,16 +332,96 @@ def field_conflicts(state: bytes, root: str = "fields") -> list[dict[str, Any]]:
     def deleted(i: _MapItem) -> bool:
         return any(c == i.client and k <= i.clock < k + n for c, k, n in deletes)
 
-    successors = {i.origin for i in items if i.origin is not None}
-    live = {i.key: i for i in items if i.root == root and not deleted(i)}
-    out: list[dict[str, Any]] = []
+    by_key: dict[str, list[_MapItem]] = {}
     for i in items:
-        if i.root != root or i.key is None or not deleted(i) or (i.client, i.clock) in successors:
-            continue
-        winner = live.get(i.key)
-        if winner is None:
+        if i.root == root and i.key is not None:
+            by_key.setdefault(i.key, []).append(i)
+    out: list[dict[str, Any]] = []
+    for key, writes in by_key.items():
+        live = [i for i in writes if not deleted(i)]
+        if not live:
             continue  # the key was removed, not overwritten
-        out.append({"kind": "field", "field": i.key, "kept": winner.value, "lost": i.value,
-                    "lost_writer": i.client, "kept_writer": winner.client})
+        out += _lost_values(key, writes, live[-1], deleted, find)
     out.sort(key=lambda c: (c["field"], c["lost_writer"]))
     return out
+
+
+def _value_key(value: Any) -> str:
+    """Equal values give equal keys (a Y number reads back as a float, so 1.0 and 1 are one value)."""
+    return json.dumps(normalise(value), sort_keys=True, ensure_ascii=False, default=str)
+
+
+def _lost_values(
+    key: str,
+    writes: list[_MapItem],
+    winner: _MapItem,
+    deleted: Callable[[_MapItem], bool],
+    find: Callable[[tuple[int, int]], _MapItem | None],
+) -> list[dict[str, Any]]:
+    """The conflicts of one key: its overwritten values that no writer replaced knowingly.
+
+    The writes of a Map key form a tree: each names as origin the write it replaced, the value its writer
+    saw. ``a`` was seen by ``b``'s writer when ``a`` is an ancestor of ``b`` in that tree.
+    """
+    n = len(writes)
+    index = {(w.client, w.clock): k for k, w in enumerate(writes)}
+    parent: list[int | None] = [None] * n
+    children: list[list[int]] = [[] for _ in range(n)]
+    for k, w in enumerate(writes):
+        origin = find(w.origin) if w.origin is not None else None
+        p = index.get((origin.client, origin.clock)) if origin is not None else None
+        if p is not None and p != k:
+            parent[k] = p
+            children[p].append(k)
+    roots = [k for k in range(n) if parent[k] is None]
+    if len(roots) == 1 and all(len(c) <= 1 for c in children):
+        return []  # one line of writes, each made knowing the one before: nothing was concurrent
+    # Entry and exit times of a depth-first walk: a is an ancestor of b when b's walk lies within a's.
+    enter, leave = [0] * n, [0] * n
+    tick = 0
+    for r in roots:
+        stack: list[tuple[int, bool]] = [(r, False)]
+        while stack:
+            k, done = stack.pop()
+            tick += 1
+            if done:
+                leave[k] = tick
+                continue
+            enter[k] = tick
+            stack.append((k, True))
+            stack.extend((c, False) for c in children[k])
+
+    def before(a: int, b: int) -> bool:  # a was seen by b's writer
+        return enter[a] < enter[b] and leave[b] < leave[a]
+
+    by_value: dict[str, list[int]] = {}
+    for k, w in enumerate(writes):
+        by_value.setdefault(_value_key(w.value), []).append(k)
+    values = [_value_key(w.value) for w in writes]
+
+    def copies(a: int) -> list[int]:
+        """``a`` and the equal values written without either writer having seen the other."""
+        return [b for b in by_value[values[a]] if b == a or not (before(a, b) or before(b, a))]
+
+    def knows(b: int, a: int) -> bool:  # b's writer had seen a, or an independent copy of it
+        return any(c == b or before(c, b) for c in copies(a))
+
+    def replaced_knowingly(a: int) -> bool:
+        for s in children[a]:
+            # An overwrite that repeats a value written concurrently with ``a`` is a copy of that write
+            # (a portal writer bringing another unit's edit), not a decision against ``a``.
+            if not any(c != s and not knows(c, a) and not knows(a, c) for c in by_value[values[s]]):
+                return True
+        return False
+
+    kept = _value_key(winner.value)
+    lost: dict[str, dict[str, Any]] = {}
+    for k in sorted(range(n), key=lambda j: (writes[j].client, writes[j].clock)):
+        w = writes[k]
+        if w is winner or values[k] == kept or values[k] in lost or not deleted(w):
+            continue
+        if any(replaced_knowingly(c) for c in copies(k)):
+            continue
+        lost[values[k]] = {"kind": "field", "field": key, "kept": winner.value, "lost": w.value,
+                           "lost_writer": w.client, "kept_writer": winner.client}
+    return list(lost.values())

@@ -276,13 +276,13 @@ class TestConcurrentEdits:
         assert da["conflicts"] == [{**da["conflicts"][0], "field": "Email", "kept": da["Email"]}]
         assert {da["conflicts"][0]["lost"], da["Email"]} == {"mot@example.vn", "hai@example.vn"}
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="known defect outside the desk routes: through the portal's record path (three-way merge) the "
-        "competent unit re-writes every pulled field under its own upstream writer, so the conflicts list "
-        "every field with equal kept and lost values, and the losing Email is not among them",
-    )
     async def test_the_losing_value_is_kept_as_a_conflict_with_the_portal(self, tmp_path: Path) -> None:
-        da, _ = await concurrent_edits(tmp_path, ("national", "city"))
+        """The competent unit first sees the dossier on the portal; the portal's record brings the other
+        unit's Email back as a copy. Only Email is listed, with the two concurrent values, on both units."""
+        da, db = await concurrent_edits(tmp_path, ("national", "city"))
         assert [c["field"] for c in da["conflicts"]] == ["Email"]
+        assert da["conflicts"][0]["kept"] == da["Email"]
         assert {da["conflicts"][0]["lost"], da["Email"]} == {"mot@example.vn", "hai@example.vn"}
+        assert [(c["field"], c["kept"], c["lost"]) for c in db["conflicts"]] == [
+            (c["field"], c["kept"], c["lost"]) for c in da["conflicts"]
+        ]

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+from pycrdt import Doc
+
+from adapters.base import Outgoing
 from node.config import Config
 from node.service import Merge
 from sync import doc as ydoc
-from sync.record import materialise
-from sync.yupdate import field_conflicts
+from sync.puller import Puller
+from sync.record import digest, materialise
+from sync.yupdate import decode_update, field_conflicts
 from tests import factories
-from tests.conftest import running_node, valid_intake
+from tests.conftest import UNIT, running_node, valid_intake
+from tests.test_pull import city, portal
+from tests.upstreams import running_upstreams
 
 
 class TestOnDocs:
@@ -41,6 +48,121 @@ class TestOnDocs:
         ydoc.change(other, lambda x: ydoc.put_fields(x, {"Email": "c@example.vn"}))
         assert field_conflicts(other.get_update()) == []
         assert materialise(other)[1] == []
+
+
+def _exchange(*docs: Doc) -> None:
+    updates = [d.get_update() for d in docs]
+    for d in docs:
+        for u in updates:
+            d.apply_update(u)
+
+
+class TestEqualValuesAndCopies:
+    """Equal values written by writers that had not seen each other are one edit, not a conflict."""
+
+    def test_a_dossier_written_twice_with_equal_values_has_no_conflicts(self) -> None:
+        # The receiving unit's Doc and a copy another node wrote from the portal's record, under its own id.
+        code = factories.code(1)
+        received, copied = ydoc.new_doc(code, 501), ydoc.new_doc(code, 502)
+        for d in (received, copied):
+            ydoc.change(d, lambda x: ydoc.put_fields(x, factories.base_fields(code)))
+        _exchange(received, copied)
+        assert field_conflicts(received.get_update()) == field_conflicts(copied.get_update()) == []
+
+    @pytest.mark.parametrize(("editor", "copier", "edit_wins"), [(502, 501, True), (501, 502, False)])
+    def test_a_later_edit_next_to_an_equal_copy(self, editor: int, copier: int, edit_wins: bool) -> None:
+        """Two independent copies of one dossier: an edit of one copy is concurrent with the other copy's
+        value, so Yjs may let the stale copy win (why a node takes the city's Doc rather than writing the
+        portal's record again). Either way the equal values are no conflict, and a lost edit is listed."""
+        code = factories.code(1)
+        received, copied = ydoc.new_doc(code, editor), ydoc.new_doc(code, copier)
+        for d in (received, copied):
+            ydoc.change(d, lambda x: ydoc.put_fields(x, factories.base_fields(code)))
+        ydoc.change(received, lambda x: ydoc.put_fields(x, {"ChuHoSo": "Nguyễn Văn Ân"}))
+        _exchange(received, copied)
+        record, conflicts = materialise(received)
+        assert conflicts == materialise(copied)[1]
+        if edit_wins:
+            assert record["ChuHoSo"] == "Nguyễn Văn Ân" and conflicts == []
+        else:
+            assert record["ChuHoSo"] == "Nguyễn Văn An"
+            assert conflicts == [{"kind": "field", "field": "ChuHoSo", "kept": "Nguyễn Văn An",
+                                  "lost": "Nguyễn Văn Ân", "lost_writer": editor, "kept_writer": copier}]
+
+    @pytest.mark.parametrize("ids", [(601, 602, 603), (603, 602, 601), (602, 603, 601), (601, 603, 602)])
+    def test_a_portal_copy_of_a_concurrent_value_does_not_hide_the_loser(self, ids: tuple[int, int, int]) -> None:
+        """A and B edit Email concurrently; A's portal writer then copies B's value from the portal's record
+        (written knowing A's value). The loser is still A's value, listed once, the same on both replicas."""
+        a_id, b_id, a_portal_id = ids
+        code = factories.code(1)
+        a = factories.new_dossier(code, client_id=a_id)
+        b = ydoc.load_doc(code, a.get_update(), b_id)
+        ydoc.change(a, lambda x: ydoc.put_fields(x, {"Email": "mot@example.vn"}))
+        ydoc.change(b, lambda x: ydoc.put_fields(x, {"Email": "hai@example.vn"}))
+        a_portal = ydoc.load_doc(code, a.get_update(), a_portal_id)
+        ydoc.change(a_portal, lambda x: ydoc.put_fields(x, {"Email": "hai@example.vn"}))
+        a.apply_update(a_portal.get_update())
+        assert field_conflicts(a.get_update()) == []  # before B's own write arrives: an ordinary overwrite
+        _exchange(a, b)
+        [conflict] = field_conflicts(a.get_update())
+        assert field_conflicts(b.get_update()) == [conflict]
+        assert conflict["field"] == "Email" and conflict["kept"] == materialise(a)[0]["Email"] == "hai@example.vn"
+        assert conflict["lost"] == "mot@example.vn" and conflict["lost_writer"] == a_id
+
+
+class TestFirstSeenOnThePortal:
+    """A dossier the node first sees on the portal is taken from the city's Doc, not written a second time."""
+
+    async def test_the_city_doc_is_taken_and_only_the_portal_change_is_written(
+        self, config: Config, tmp_path: Path
+    ) -> None:
+        code = factories.code(7)
+        received = factories.new_dossier(code, client_id=4242, competent=factories.OTHER_UNIT)
+        async with running_upstreams(tmp_path / "upstreams") as ups, running_node(config) as (node, _, _):
+            nat, cty = portal(ups), city(ups)
+            try:
+                [res] = await cty.push([factories.outgoing(received)])
+                assert res.outcome.value == "acked"
+                record = dict(materialise(received)[0])
+                record["NgayHenTra"] = "20261205170000"  # changed on the portal by an officer
+                [res] = await nat.push([Outgoing(code, record, digest(record), b"")])
+                assert res.outcome.value == "acked"
+                portal_id = await node.service.client_id_for("national")
+                puller = Puller(node.store, node.service, nat, unit=UNIT, portal_client_id=portal_id, doc_source=cty)
+                assert await puller.pull_codes([code]) == [code]
+            finally:
+                await nat.close()
+                await cty.close()
+            row = await node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            assert row is not None
+            held = ydoc.load_doc(code, node.store.sealer.state(code, row[0]), 1)
+        # The node holds the receiving unit's Doc plus one write under its portal writer: the portal's change.
+        added = decode_update(held.get_update(received.get_state())).runs
+        assert added == {portal_id: (0, 1)}
+        merged, conflicts = materialise(held)
+        assert merged["NgayHenTra"] == "20261205170000" and conflicts == []
+
+    async def test_created_from_the_portal_record_when_the_city_lacks_it(self, config: Config, tmp_path: Path) -> None:
+        code = factories.code(8)
+        online = factories.new_dossier(code, client_id=4242, statuses=(1,), KenhThucHien=2)
+        async with running_upstreams(tmp_path / "upstreams") as ups, running_node(config) as (node, url, s):
+            nat, cty = portal(ups), city(ups)
+            try:
+                [res] = await nat.push([factories.outgoing(online)])
+                assert res.outcome.value == "acked"
+                portal_id = await node.service.client_id_for("national")
+                puller = Puller(node.store, node.service, nat, unit=UNIT, portal_client_id=portal_id, doc_source=cty)
+                assert await puller.pull_codes([code]) == [code]
+            finally:
+                await nat.close()
+                await cty.close()
+            async with s.get(f"{url}/api/v1/dossiers/{code}") as r:
+                body = await r.json()
+            assert body["digest"] == digest(materialise(online)[0]) and body.get("conflicts", []) == []
+            row = await node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            assert row is not None
+            state = node.store.sealer.state(code, row[0])
+        assert set(decode_update(state).runs) == {portal_id}
 
 
 class TestThroughTheNode:
