@@ -24,7 +24,7 @@ from failover.windows import FaultWindows, GuardedUpstream
 from node import api, crypto, dashboard, metrics, receipts, tls
 from node.auth import AUTH, Auth, auth_middleware
 from node.clock import Clock
-from node.config import Config
+from node.config import Config, split_peer_urls
 from node.desk import routes as desk_routes
 from node.desk.duedate import Deadlines
 from node.documents import add_routes as add_document_routes
@@ -64,7 +64,13 @@ class Node:
             clock=self.clock,
             due_date=self.deadlines.intake_due_date,
         )
-        self.fetcher = Fetcher(self.store, blob_store(config), token=config.node.peer_token, clock=self.clock)
+        self.fetcher = Fetcher(
+            self.store,
+            blob_store(config),
+            token=config.node.peer_token,
+            peers=tuple(split_peer_urls(config.node.peer_urls)),
+            clock=self.clock,
+        )
         self._given_upstreams = upstreams
         self.upstreams: list[Upstream] = []
         self.replicators: dict[str, Replicator] = {}

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from node import tls
 from node.registry import get_unit, is_agency_code
@@ -44,6 +45,9 @@ class NodeSection:
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT
     public_url: str = ""
     peer_token: str = ""
+    # The other units' nodes this node fetches documents from, as origins separated by commas
+    # ("https://unit-26740.example:8443, https://..."): the peer token goes to these and nowhere else.
+    peer_urls: str = ""
     # HTTPS: PEM certificate (chain) and key; both or neither. Empty: plain HTTP.
     tls_cert: str = ""
     tls_key: str = ""
@@ -164,6 +168,27 @@ _SECTIONS: dict[str, type[Any]] = {
     "targets.city": CityTarget,
 }
 _OPTIONAL = {"targets.national", "targets.city"}
+
+
+def split_peer_urls(text: str) -> list[str]:
+    """The entries of ``[node] peer_urls`` (commas or white space between them)."""
+    return [u for u in text.replace(",", " ").split() if u]
+
+
+def origin_of(url: str) -> str | None:
+    """``scheme://host:port`` of an http(s) URL, lower case with the default port made explicit; None if not.
+
+    The path is not part of it: a document link and the peer it points at share one origin.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password:
+        return None
+    port = port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -314,6 +339,9 @@ def validate(config: Config) -> list[str]:
         problems.append("[node] max_body_bytes: must be between 1024 and 67108864")
     if not 1024 <= node.max_document_bytes <= 1024**3:
         problems.append("[node] max_document_bytes: must be between 1024 and 1073741824")
+    for url in split_peer_urls(node.peer_urls):
+        if origin_of(url) is None or urlsplit(url).path not in ("", "/"):
+            problems.append(f"[node] peer_urls: {url!r} is not an http:// or https:// origin (scheme, host, port)")
     if node.public_url and not node.public_url.startswith(("http://", "https://")):
         problems.append(f"[node] public_url: must start with http:// or https://, got {node.public_url!r}")
     if node.shutdown_timeout_s <= 0:

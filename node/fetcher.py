@@ -23,6 +23,7 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from node.clock import Clock, iso
+from node.config import origin_of
 from node.documents import CHUNK_BYTES, HASH_FIELD, SIZE_FIELD, URL_FIELD, BlobStore, PartialFile, TooLarge
 from node.documents import stored_documents as _stored
 from node.store import Store
@@ -108,12 +109,16 @@ class Fetcher:
         blobs: BlobStore,
         *,
         token: str = "",
+        peers: tuple[str, ...] = (),
         clock: Clock | None = None,
         settings: FetchSettings | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.token = token
+        # Origins of the nodes this one fetches from ([node] peer_urls): the token goes to these only.
+        self.peers = frozenset(o for o in map(origin_of, peers) if o is not None)
+        self._untrusted: set[str] = set()  # origins already logged as refused
         self.clock = clock or Clock()
         self.settings = settings or FetchSettings()
         self._http: aiohttp.ClientSession | None = None
@@ -123,6 +128,20 @@ class Fetcher:
         # Counted since start: files stored, requests that resumed at an offset, bytes received, rounds
         # that failed, and the largest chunk read from a response (the transfer streams).
         self.stats = {"fetched": 0, "resumed": 0, "bytes": 0, "failed_rounds": 0, "largest_read": 0}
+
+    def trusts(self, url: str) -> bool:
+        """Whether ``url`` lies on a configured peer: a record naming any other host never gets the token."""
+        origin = origin_of(url)
+        if origin is not None and origin in self.peers:
+            return True
+        if origin not in self._untrusted:
+            self._untrusted.add(str(origin))
+            log.warning(
+                "document_link_untrusted",
+                origin=origin,
+                detail="not in [node] peer_urls: its documents are not fetched and the peer token is not sent there",
+            )
+        return False
 
     async def close(self) -> None:
         if self._http is not None:
@@ -172,6 +191,8 @@ class Fetcher:
             for d in _stored(json.loads(opened)) if opened else ():
                 sha, url, size = d[HASH_FIELD], d.get(URL_FIELD), d.get(SIZE_FIELD)
                 if not isinstance(url, str) or not _document_link(url, str(code), sha):
+                    continue
+                if not self.trusts(url):
                     continue
                 if isinstance(size, bool) or not isinstance(size, int | float) or size < 0:
                     continue
@@ -254,6 +275,8 @@ class Fetcher:
         """One request for what ``partial`` still lacks, streamed onto its end."""
         if partial.size >= size:
             return
+        if not self.trusts(url):  # queued before [node] peer_urls changed
+            raise FetchError(f"{url} is not on a node listed in [node] peer_urls", retriable=False)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         offset = partial.size
         if offset:

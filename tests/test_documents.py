@@ -195,7 +195,7 @@ class TestFetch:
             row = await a_node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
             b_config = load_config(env={}, overrides={"node": {
                 "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
-                "data_dir": str(tmp_path / "b"), "peer_token": token}})
+                "data_dir": str(tmp_path / "b"), "peer_token": token, "peer_urls": a[1]}})
             async with running_node(b_config) as b:
                 b_node = b[0]
                 b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
@@ -230,7 +230,8 @@ class TestFetch:
             sha = body["TaiLieuNop"][0]["Sha256"]
             row = await a_node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
             b_config = load_config(env={}, overrides={"node": {
-                "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "b")}})
+                "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "b"),
+                "peer_urls": a[1]}})
             async with running_node(b_config) as b:
                 b_node = b[0]
                 b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
@@ -284,7 +285,10 @@ class TestLinksTheFetcherFollows:
                 ydoc.change(doc, add)
                 b_config = load_config(env={}, overrides={"node": {
                     "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
-                    "data_dir": str(tmp_path / "b"), "peer_token": "ws_secret_peer_token"}})
+                    "data_dir": str(tmp_path / "b"), "peer_token": "ws_secret_peer_token",
+                    # The trap is listed as a peer: what protects the token here is the link's shape and
+                    # the refusal to follow redirects.
+                    "peer_urls": trap_url}})
                 async with running_node(b_config) as b:
                     b_node = b[0]
                     b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
@@ -325,7 +329,8 @@ class TestEncryptedStores:
             token = await a_node.auth.create_token(["peer"], name="b")
             b_config = load_config(env={}, overrides={"node": {
                 "unit": B_UNIT, "agency_code": B_AGENCY, "listen": "127.0.0.1:0",
-                "data_dir": str(tmp_path / "b"), "peer_token": token, "key_file": str(keys["b"])}})
+                "data_dir": str(tmp_path / "b"), "peer_token": token, "key_file": str(keys["b"]),
+                "peer_urls": a_url}})
             async with running_node(b_config) as b:
                 b_node = b[0]
                 b_node.loops["documents"].stop()  # this test runs the fetcher's steps itself
@@ -367,7 +372,7 @@ class TestBoundaryFreeDocuments:
         ) as (proxy, a):
             a_node = a[0]
             token = await a_node.auth.create_token(["peer"], name=f"unit {B_UNIT}")
-            b_config = _two_unit_config(tmp_path, ups, B_UNIT, B_AGENCY, peer_token=token)
+            b_config = _two_unit_config(tmp_path, ups, B_UNIT, B_AGENCY, peer_token=token, peer_urls=proxy.url)
             async with running_node(b_config) as b:
                 b_node = b[0]
                 code = await create(a, MaDonViXuLy=B_UNIT)
@@ -583,7 +588,7 @@ class TestLargeFileBetweenProcesses:
             proxy.upstream_port = a.port
             peer = a.token("peer")
             clerk = a.token("clerk")
-            b = _Served(tmp_path / "b", ups, B_UNIT, B_AGENCY, f'peer_token = "{peer}"\n')
+            b = _Served(tmp_path / "b", ups, B_UNIT, B_AGENCY, f'peer_token = "{peer}"\npeer_urls = "{proxy.url}"\n')
             b_clerk = b.token("clerk")
             try:
                 await a.start()

@@ -20,7 +20,7 @@ here; this file covers what they leave open:
   it opens for the service's user once it is root:wardsync 640, and not as ``wardsync init`` leaves it;
 * a configuration ``wardsync init`` writes with credentials in it is one ``serve`` accepts (mode 600);
 * a backup (a copy of citizens' data), and a data directory the node creates, are its owner's only;
-* the peer token and a document link on a foreign host (a known limit, pinned as a strict xfail);
+* the peer token and a document link on a host that is not in [node] peer_urls: never sent there;
 * (slow) the intake benchmark's encryption-at-rest mode end to end: both node runs, their stores sealed
   and clear as configured, and the sealed/clear ratios reported.
 """
@@ -51,7 +51,7 @@ from pycrdt import Doc, Provider
 from node import audit
 from node.api import MAX_JSON_DEPTH
 from node.app import Node
-from node.config import Config, load_config
+from node.config import Config, ConfigError, load_config, origin_of
 from node.crypto import Keyring, count_key_usage, write_keyring
 from node.ops import backup, doctor
 from sync import doc as ydoc
@@ -592,10 +592,16 @@ PEER_TOKEN = "wst_the-peer-token-every-unit-accepts"
 
 
 class TestPeerToken:
-    @pytest.mark.xfail(
-        strict=True,
-        reason="known limit (docs/security.md): the fetcher checks a document link's path, not its host",
-    )
+    def test_peer_urls_must_be_origins(self) -> None:
+        """Each [node] peer_urls entry is an http(s) origin; a path, another scheme or credentials are refused."""
+        bad = "ftp://unit-1.example, https://unit-2.example/api, https://user:pw@unit-3.example"
+        with pytest.raises(ConfigError) as caught:
+            load_config(env={}, overrides={"node": {"unit": "26743", "agency_code": "000.00.17.H29",
+                                                    "peer_urls": bad + ", https://unit-4.example:8443"}})  # fmt: skip
+        problems = [p for p in caught.value.problems if "peer_urls" in p]
+        assert len(problems) == 3 and all(u in " ".join(problems) for u in ("ftp://", "/api", "user:pw"))
+        assert origin_of("HTTPS://Unit-4.example/api/v1/x") == "https://unit-4.example:443"
+
     async def test_a_link_on_a_foreign_host_does_not_get_the_peer_token(self, tmp_path: Path) -> None:
         """A Yjs client writes a document entry whose link has the right shape but names a host that is not
         a node; the fetcher must not send it the token every unit's node accepts."""
@@ -612,7 +618,9 @@ class TestPeerToken:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         try:
             trap_base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            async with running_node(make_config(tmp_path, peer_token=PEER_TOKEN)) as running:
+            other_peer = "http://127.0.0.1:1"  # the list names some other node, not the trap
+            config = make_config(tmp_path, peer_token=PEER_TOKEN, peer_urls=other_peer)
+            async with running_node(config) as running:
                 node, base, session = running
                 code = (await create(running))["MaHoSo"]
                 body = b"%PDF-1.4 trap"
@@ -627,13 +635,16 @@ class TestPeerToken:
                     await asyncio.wait_for(provider.synced.wait(), 5)
                     with doc.transaction():
                         ydoc.add_document(doc, entry)
-                    for _ in range(100):  # the fetch loop ticks every 2 s
-                        row = await node.store.fetchone(
-                            "SELECT attempts FROM document_fetches WHERE sha256 = ?", (sha,)
-                        )
-                        if seen or (row is not None and row[0]):
+                    for _ in range(50):  # until the record with the entry is stored
+                        if (await node.store.fetchone(
+                            "SELECT 1 FROM dossiers WHERE code = ? AND change_seq > 1", (code,)
+                        )) is not None:
                             break
-                        await asyncio.sleep(0.1)
+                        await asyncio.sleep(0.05)
+                    for _ in range(3):
+                        await node.fetcher.run_once()  # scans the changed record and tries what it queued
+                    row = await node.store.fetchone("SELECT 1 FROM document_fetches WHERE sha256 = ?", (sha,))
+                    assert row is None  # not even queued: the link is not on a listed peer
         finally:
             await runner.cleanup()
         assert PEER_TOKEN not in " ".join(seen), seen
