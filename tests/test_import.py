@@ -44,10 +44,13 @@ def _copy(src: Path, into: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     # The command reads WARDSYNC_* like any other; a variable of the developer's shell must not leak in.
     for name in [k for k in os.environ if k.upper().startswith("WARDSYNC_")]:
         monkeypatch.delenv(name)
+    # Run in this process, the command must not configure logging: loggers cached on first use would keep
+    # writing to the stream pytest captured for this test, and fail once it is closed.
+    monkeypatch.setattr("node.logs.configure", lambda *args, **kwargs: None)
 
 
 def _import(
@@ -56,7 +59,10 @@ def _import(
     """``wardsync import EXPORT --json`` in this process (the round trip below also runs it as a process)."""
     status = main(["import", str(export), "--config", str(root / "wardsync.toml"), "--json", *extra])
     out = capsys.readouterr()
-    summary = json.loads(out.out) if out.out.strip().startswith("{") else {}
+    # With logging left as it is, the node's own log lines may come first: the summary is the last object.
+    lines = out.out.splitlines()
+    start = max((i for i, line in enumerate(lines) if line == "{"), default=None)
+    summary = json.loads("\n".join(lines[start:])) if start is not None else {}
     return status, summary, out.err
 
 
