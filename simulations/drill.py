@@ -645,13 +645,17 @@ class Drill:
             all(v[0] == 0 for v in per.values()) and len(per) == 2 for per in self.latest_lag.values()
         )
 
+    def _on_primary(self) -> bool:
+        return len(self.active) >= len(self.units) and all(a == "national" for a in self.active.values())
+
     async def drain(self, http: aiohttp.ClientSession, progress: Callable[[Drill], None] | None) -> float | None:
         """Until every node's backlog is empty and every replica agrees; None if the drain period ran out."""
         end = time.monotonic() + self.o.drain_s
         while time.monotonic() < end:
             if progress:
                 progress(self)
-            if self._drained() and self.driver is not None and self.driver.inflight == 0:
+            # Drained means the backlog is empty, every replica agrees and every node is back on its primary.
+            if self._drained() and self._on_primary() and self.driver is not None and self.driver.inflight == 0:
                 snap = await self.gather(http)
                 if check(snap)["converged"]:
                     return time.monotonic()

@@ -168,11 +168,11 @@ class TestViolations:
     """The drill fails loudly when an invariant does not hold."""
 
     def test_exit_status_when_the_backlog_never_reaches_the_upstreams(self, tmp_path: Path) -> None:
-        """Both upstreams down to the end of the day and no time to drain: lost dossiers, exit status 1."""
+        """The city system down to the end of the day and no time to drain: lost dossiers, exit status 1."""
         scenario = tmp_path / "cut-off.toml"
         scenario.write_text(
-            'name = "cut-off"\ndescription = "Both upstreams down from the first hour to the end."\n'
-            '[[phase]]\nat = "1h"\naction = "fault"\ntarget = "both"\nmode = "down"\n',
+            'name = "cut-off"\ndescription = "The city system down from the first hour to the end."\n'
+            '[[phase]]\nat = "1h"\naction = "fault"\ntarget = "city"\nmode = "down"\n',
             encoding="utf-8",
         )
         run = DrillRun(
@@ -197,7 +197,8 @@ class TestViolations:
         assert run.returncode == 1, "".join(run.stderr)[-3000:]
         f = run.figures()
         assert f["ok"] is False and f["invariants"]["lost"] is False
-        assert f["lost_dossiers"] > 0 and f["examples"]["lost"]
+        assert f["lost_dossiers"] > 0
+        assert all(x["missing_from"] == ["city"] for x in f["examples"]["lost"] if "missing_from" in x)
         assert "VIOLATED" in "".join(run.stderr)
 
     def test_bad_scenario_exits_2_listing_every_problem(self, tmp_path: Path) -> None:

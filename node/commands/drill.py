@@ -231,6 +231,7 @@ class FleetBar:
         self.monitor: Any = None
         self.dashboard_url: str | None = None
         self._starting = False
+        self._serve_task: asyncio.Task[None] | None = None
         self.announced = False
 
     def __enter__(self) -> FleetBar:
@@ -254,7 +255,8 @@ class FleetBar:
             self._announce(d)
         if self.listen != "off" and not self._starting:
             self._starting = True
-            asyncio.get_running_loop().create_task(self._serve(d))
+            # Kept: the loop holds tasks only weakly. Started from the progress callback, once the nodes are up.
+            self._serve_task = asyncio.get_running_loop().create_task(self._serve(d))
         if self.monitor is not None:
             self._sync(d)
 
@@ -311,6 +313,8 @@ class FleetBar:
                 self.monitor.views[node.unit] = UnitView(node)
 
     async def close(self) -> None:
+        if self._serve_task is not None:
+            await asyncio.wait({self._serve_task})
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
