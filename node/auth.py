@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from node.clock import Clock, iso
 from node.errors import ApiError
@@ -301,7 +302,7 @@ async def read_form(request: web.Request) -> Any:
     """The request's form fields; a malformed form body is the client's error (400), never a 500."""
     try:
         return await request.post()
-    except ValueError as exc:  # aiohttp's multipart and urlencoded parsers refuse a broken body this way
+    except (ValueError, BadHttpMessage) as exc:  # how aiohttp's form parsers refuse a broken body or part header
         raise ApiError(400, "malformed_form", f"the form body is malformed: {exc}") from exc
 
 

@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 from urllib.parse import quote
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from node import api
 from node.auth import requires
@@ -260,8 +261,8 @@ async def upload(request: web.Request) -> web.Response:
         raise ApiError(413, "body_too_large", f"the document is larger than the {limit} bytes accepted") from exc
     except OSError as exc:
         raise _storage_error(exc) from exc
-    except ValueError as exc:
-        # aiohttp's multipart reader reports a malformed body this way.
+    except (ValueError, BadHttpMessage) as exc:
+        # aiohttp's multipart reader reports a malformed body this way (BadHttpMessage: a part's headers).
         raise ApiError(400, "malformed_multipart", f"the multipart body is malformed: {exc}") from exc
     finally:
         if partial is not None:

@@ -379,6 +379,28 @@ class TestFoundByFuzzing:
         assert json.loads(answer.body)["error"]["code"] == "malformed_form"
 
 
+class TestMultipartPartHeaders:
+    """A control character in a multipart part's headers is a malformed body (400), never a 500."""
+
+    BODY = (b'--fb\r\nContent-Disposition: form-data; name="file"; filename="a\x1fb"\r\n'
+            b"Content-Type: application/pdf\r\n\r\n%PDF\r\n--fb--\r\n")
+
+    def test_document_upload(self, target: Target) -> None:
+        heads = [("Authorization", f"Bearer {target.token}".encode()),
+                 ("Content-Type", b"multipart/form-data; boundary=fb")]
+        code = target.path_values["code"][2]
+        answer = send(HOST, target.port, FuzzRequest("t", "POST", f"/api/v1/dossiers/{code}/documents", heads,
+                                                     self.BODY))
+        assert answer.status == 400, answer.body
+        assert json.loads(answer.body)["error"]["code"] == "malformed_multipart"
+
+    def test_sign_in_form(self, target: Target) -> None:
+        heads = [("Content-Type", b"multipart/form-data; boundary=fb")]
+        answer = send(HOST, target.port, FuzzRequest("t", "POST", "/login", heads, self.BODY, other_address=True))
+        assert answer.status == 400, answer.body
+        assert json.loads(answer.body)["error"]["code"] == "malformed_form"
+
+
 class TestCsrfTokens:
     """A signed-in browser's CSRF token compared with any text the client sends: unequal is a 403, never a 500."""
 
