@@ -17,7 +17,7 @@ import pytest
 
 from node.cli import main
 from node.ops import lock
-from node.registry import get_unit
+from node.registry import get_unit, units
 from tests.conftest import UNIT, running_node
 from tests.opshelp import cli, load, write_config
 from tests.upstreams import Upstreams, running_upstreams
@@ -431,3 +431,23 @@ class TestPortalDown:
                 # The breaker's open time doubles with each failed probe: allow for a long outage's.
                 await _wait_national(node, {PORTAL_LACKS: "synced"}, within_s=60)
                 assert PORTAL_LACKS in await ups.dossiers("national", UNIT)
+
+
+class TestConversionTable:
+    """The shipped table maps every old commune to units of the registry."""
+
+    def test_successors_are_units(self) -> None:
+        from node.legacy import conversion_table, successor
+
+        table = conversion_table()
+        assert len(table) == 441
+        for entry in table.values():
+            assert get_unit(entry.new_code) is not None, entry
+            assert all(get_unit(code) is not None for code in entry.also_to), entry
+        # Every new unit succeeds an old commune but Côn Đảo, a district without communes before the merger:
+        # its old systems' dossiers name no commune code, and the import cannot place them.
+        assert {u.code for u in units()} - {e.new_code for e in table.values()} == {"26732"}
+        # Old 26737 (Đa Kao) went mostly to Sài Gòn (26740), partly to Tân Định, whose new code is 26737.
+        split = successor("26737")
+        assert split is not None and (split.new_code, split.also_to) == ("26740", ("26737",))
+        assert successor("26743") is not None and successor("99999") is None
