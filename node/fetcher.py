@@ -129,6 +129,12 @@ class Fetcher:
         # that failed, and the largest chunk read from a response (the transfer streams).
         self.stats = {"fetched": 0, "resumed": 0, "bytes": 0, "failed_rounds": 0, "largest_read": 0}
 
+    def reconfigure(self, *, token: str, peers: tuple[str, ...]) -> None:
+        """New peer token and peers (a reload); fetches in flight finish with what they started with."""
+        self.token = token
+        self.peers = frozenset(o for o in map(origin_of, peers) if o is not None)
+        self._untrusted.clear()
+
     def trusts(self, url: str) -> bool:
         """Whether ``url`` lies on a configured peer: a record naming any other host never gets the token."""
         origin = origin_of(url)

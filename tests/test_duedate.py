@@ -263,3 +263,42 @@ class TestIntake:
             # The refused intake used up no code: the next one is the third of the day.
             async with session.post(f"{base}/api/v1/dossiers", json=given) as resp:
                 assert (await resp.json())["MaHoSo"].endswith("-0003")
+
+
+class TestReload:
+    """The city edits its catalogue file; a reload (SIGHUP) applies it to later intakes, a broken one is refused."""
+
+    async def test_catalogue_read_again_on_reload(self, tmp_path: Path) -> None:
+        from node.ops.reload import reload
+
+        clock = FixedClock(at("20270203090000"))
+        city = tmp_path / "procedures.toml"
+        shipped = shipped_catalogue().read_text(encoding="utf-8")
+        city.write_text(shipped, encoding="utf-8")
+        config = make_config(tmp_path, procedure_catalogue=str(city))
+        async with running_node(config, clock) as (node, base, session):
+
+            async def intake() -> tuple[int, Any]:
+                body = valid_intake(MaTTHC="1.009999")
+                del body["NgayHenTra"]
+                async with session.post(f"{base}/api/v1/dossiers", json=body) as resp:
+                    return resp.status, await resp.json()
+
+            assert (await intake())[0] == 422  # not in the catalogue yet
+            entry = '[procedures."1.009999"]\nworking_days = 3\n\n'
+            added = shipped.replace('[procedures."2.000908"]', entry + '[procedures."2.000908"]')
+            city.write_text(added, encoding="utf-8")
+            assert await reload(node, lambda: config)  # the same configuration: only the file changed
+            status, created = await intake()
+            assert status == 201 and created["NgayHenTra"] == "20270215090000"
+
+            city.write_text(added.replace("working_days = 3", "working_days = -3"), encoding="utf-8")
+            assert not await reload(node, lambda: config)  # refused: the catalogue in force stays
+            status, created = await intake()
+            assert status == 201 and created["NgayHenTra"] == "20270215090000"
+
+            city.write_text(added, encoding="utf-8")
+            peers = make_config(tmp_path, procedure_catalogue=str(city), peer_urls="https://unit-26740.example")
+            assert await reload(node, lambda: peers)
+            assert node.fetcher.peers == {"https://unit-26740.example:443"}
+            assert node.config.node.peer_urls == "https://unit-26740.example"

@@ -36,6 +36,9 @@ CREDENTIALS = {
     "city": ("url", "client_id", "client_secret"),
 }
 TLS_FILES = ("tls_cert", "tls_key")
+# [node] settings a reload applies at once: document fetches (token and peers) and the procedure catalogue,
+# which is also read again on every reload (the city edits that file, not the configuration).
+LIVE_NODE = ("peer_token", "peer_urls", "procedure_catalogue")
 
 
 def _changed(old: Any, new: Any, prefix: str) -> list[str]:
@@ -56,7 +59,7 @@ def plan(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
     restart: list[str] = []
     for key in _changed(old.node, new.node, "[node]"):
         name = key.split(" ", 1)[1]
-        if name in TLS_FILES:
+        if name in TLS_FILES or name in LIVE_NODE:
             applied.append(key)
         elif name not in IDENTITY:
             restart.append(key)
@@ -92,6 +95,15 @@ async def reload(node: Node, load: Callable[[], Config], *, server_ssl: ssl.SSLC
                 tls.server_context(new)  # loads in a scratch context first: a bad pair must change nothing
             except (ssl.SSLError, OSError) as exc:
                 refusals.append(f"[node] tls_cert/tls_key: cannot be loaded: {exc}")
+    from node.desk.duedate import CatalogueError, Deadlines
+
+    deadlines: Deadlines | None = None
+    try:
+        deadlines = Deadlines.load(new.node.procedure_catalogue or None)
+    except CatalogueError as exc:
+        refusals.append(f"[node] procedure_catalogue: {'; '.join(exc.problems)}")
+    except (OSError, ValueError) as exc:
+        refusals.append(f"[node] procedure_catalogue: cannot be read: {exc}")
     if refusals:
         log.error("config_reload_refused", reason="; ".join(refusals), kept=old.source)
         return False
@@ -110,12 +122,18 @@ async def reload(node: Node, load: Callable[[], Config], *, server_ssl: ssl.SSLC
             return False
         tls_reloaded = True
     _apply_credentials(node, new)
+    _apply_node_settings(node, new, deadlines)
     await _call_reload(getattr(node, "auth", None))
     # Another module may offer a reload of its own (certificates, keyrings): called when present.
     await _call_reload(getattr(tls, "reload", None))
     node.config = replace(
         old,
-        node=replace(old.node, tls_cert=new.node.tls_cert, tls_key=new.node.tls_key),
+        node=replace(
+            old.node,
+            tls_cert=new.node.tls_cert,
+            tls_key=new.node.tls_key,
+            **{k: getattr(new.node, k) for k in LIVE_NODE},
+        ),
         national=_keep_restart_only(old.national, new.national, "national"),
         city=_keep_restart_only(old.city, new.city, "city"),
     )
@@ -128,6 +146,19 @@ def _keep_restart_only(old: Any, new: Any, name: str) -> Any:
     if old is None or new is None:
         return old
     return replace(old, **{k: getattr(new, k) for k in CREDENTIALS[name]})
+
+
+def _apply_node_settings(node: Node, new: Config, deadlines: Any) -> None:
+    """Fetch token and peers, and the catalogue just read (due dates of later intakes, standings shown)."""
+    from node.config import split_peer_urls
+    from node.fetcher import Fetcher
+
+    fetcher = getattr(node, "fetcher", None)
+    if isinstance(fetcher, Fetcher):
+        fetcher.reconfigure(token=new.node.peer_token, peers=tuple(split_peer_urls(new.node.peer_urls)))
+    if deadlines is not None and hasattr(node, "deadlines"):
+        node.deadlines = deadlines
+        node.service.due_date = deadlines.intake_due_date
 
 
 def _apply_credentials(node: Node, new: Config) -> None:
