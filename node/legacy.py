@@ -66,6 +66,8 @@ CHUNK = 256
 CODE_FIELD, RECEIVED_FIELD = "MaHoSo", "NgayTiepNhan"
 RECEIVING_FIELD, COMPETENT_FIELD = "MaDonViTiepNhan", "MaDonViXuLy"
 STATUS_FIELD, STEPS_FIELD = "TrangThaiHoSo", "QuaTrinhXuLy"
+# Not a portal field: for an old commune split between new units, the one that handles this dossier now.
+SUCCESSOR_FIELD = "MaDonViXuLyMoi"
 # Derived from the steps on every replica: accepted in an export (checked as dates) and not stored.
 DERIVED_FIELDS = ("NgayTra", "NgayKetThucXuLy")
 LIST_FIELDS = ("TaiLieuNop", "DanhSachLePhi", STEPS_FIELD)
@@ -74,7 +76,7 @@ INTEGER_FIELDS = ("KenhThucHien", "LoaiDoiTuong", "HinhThuc", STATUS_FIELD, "Tra
 REQUIRED = (CODE_FIELD, RECEIVED_FIELD, RECEIVING_FIELD)
 # Every field an export may carry; names starting with "_" are ignored (a rejects file's own columns).
 ACCEPTED_FIELDS = frozenset(INTAKE_FIELDS | {CODE_FIELD, RECEIVED_FIELD, RECEIVING_FIELD, STATUS_FIELD}
-                            | set(DERIVED_FIELDS))
+                            | set(DERIVED_FIELDS) | {SUCCESSOR_FIELD})
 # What the collision rule compares: the same code for the same citizen's dossier received at the same time.
 SAME_DOSSIER = ("NgayTiepNhan", "SoGiayToChuHoSo")
 DEFAULT_OFFICER = "Bộ phận Một cửa"
@@ -183,7 +185,7 @@ def _cell(name: str, value: Any) -> Any:
                 return json.loads(value)
             except ValueError:
                 return _Bad("must be a JSON list (the column holds the list as JSON text)")
-    if name in (RECEIVING_FIELD, COMPETENT_FIELD) and type(value) is int:
+    if name in (RECEIVING_FIELD, COMPETENT_FIELD, SUCCESSOR_FIELD) and type(value) is int:
         return f"{value:05d}"
     if isinstance(value, list):
         return [{k: _cell(k, v) for k, v in item.items()} if isinstance(item, dict) else item for item in value]
@@ -263,9 +265,22 @@ def check_row(row: Row, own_unit: str) -> tuple[Prepared | None, str]:
     competent = receiving
     if raw.get(COMPETENT_FIELD) is not None:
         competent = _map_unit(COMPETENT_FIELD, raw.get(COMPETENT_FIELD), errors)
+    handler = competent.new_code if competent else None
+    received_by = receiving.new_code if receiving else None
+    chosen = raw.get(SUCCESSOR_FIELD)
+    if chosen is not None and competent is not None:
+        allowed = (competent.new_code, *competent.also_to)
+        if chosen in allowed:
+            handler = chosen
+            if raw.get(COMPETENT_FIELD) is None:
+                received_by = chosen  # received and handled by the part of the old commune that went there
+        else:
+            errors[SUCCESSOR_FIELD] = (
+                f"must be one of the new units old {competent.old_code} went to: {', '.join(allowed)}"
+            )
 
     intake = {k: v for k, v in raw.items() if k in INTAKE_FIELDS and not isinstance(v, _Bad)}
-    intake[COMPETENT_FIELD] = competent.new_code if competent else None
+    intake[COMPETENT_FIELD] = handler
     clean, intake_errors = validate_intake(intake, own_unit=own_unit)
     officer = clean.pop("NguoiTiepNhan", None)  # the officer of the intake step, not a record field
     for name, message in intake_errors.items():
@@ -274,21 +289,21 @@ def check_row(row: Row, own_unit: str) -> tuple[Prepared | None, str]:
     steps = _check_steps(raw, errors)
     if errors:
         return None, "; ".join(f"{k}: {v}" for k, v in sorted(errors.items()))
-    assert receiving is not None and competent is not None and isinstance(code, str)
-    if own_unit not in (receiving.new_code, competent.new_code):
-        unit = get_unit(competent.new_code)
-        return None, f"belongs to unit {competent.new_code}" + (f" ({unit.name})" if unit else "")
+    assert received_by is not None and handler is not None and isinstance(code, str)
+    if own_unit not in (received_by, handler):
+        unit = get_unit(handler)
+        return None, f"belongs to unit {handler}" + (f" ({unit.name})" if unit else "")
     if not steps:
         steps = [_intake_step(raw, code, officer)]
     record: dict[str, Any] = {
         **clean,
         CODE_FIELD: code,
         RECEIVED_FIELD: raw[RECEIVED_FIELD],
-        RECEIVING_FIELD: receiving.new_code,
-        COMPETENT_FIELD: competent.new_code,
+        RECEIVING_FIELD: received_by,
+        COMPETENT_FIELD: handler,
         STEPS_FIELD: [{**s, CODE_FIELD: code} for s in steps],
     }
-    return Prepared(code, record, receiving.new_code, competent.new_code), ""
+    return Prepared(code, record, received_by, handler), ""
 
 
 def _intake_step(raw: Mapping[str, Any], code: str, officer: Any) -> dict[str, Any]:

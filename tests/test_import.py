@@ -235,6 +235,32 @@ class TestRejects:
         assert reasons[10] == "must be a JSON object"
 
 
+class TestSplitCommunes:
+    """An old commune split between new units goes to its main successor unless a row names another."""
+
+    def test_successor_named_per_row(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        # Old Nguyễn Thái Bình (26746) went mostly to Bến Thành (26743), partly to Sài Gòn (26740).
+        write_config(tmp_path, replace={'unit = "26743"': 'unit = "26740"'})
+        base = json.loads(JSON_FILE.read_text(encoding="utf-8"))[2] | {"MaDonViTiepNhan": "26746"}
+        rows = [
+            base | {"MaHoSo": "000.31.02.H29-250622-0001", "MaDonViXuLyMoi": "26740"},
+            base | {"MaHoSo": "000.31.02.H29-250622-0002"},
+            base | {"MaHoSo": "000.31.02.H29-250622-0003", "MaDonViXuLyMoi": 26737},
+        ]
+        export = tmp_path / "nguyenthaibinh.json"
+        export.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        status, summary, _ = _import(capsys, tmp_path, export)
+        assert (status, summary["imported"], summary["rejected"]) == (1, 1, 2)
+        lines = (tmp_path / "nguyenthaibinh.rejects.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["reason"] for line in lines] == [
+            "belongs to unit 26743 (Phường Bến Thành)",
+            "MaDonViXuLyMoi: must be one of the new units old 26746 went to: 26743, 26740",
+        ]
+        with contextlib.closing(sqlite3.connect(load(tmp_path / "wardsync.toml").db_path)) as conn:
+            held = conn.execute("SELECT code, receiving_unit, competent_unit FROM dossiers").fetchall()
+        assert held == [("000.31.02.H29-250622-0001", "26740", "26740")]
+
+
 class TestExitStatus:
     """0 all in, 1 rows rejected, 2 unusable file or configuration, 3 the node holds the data directory."""
 
