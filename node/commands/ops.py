@@ -132,6 +132,11 @@ def _restore(args: argparse.Namespace) -> int:
                 result["catch_up"] = report
                 lines += ["caught up with the upstreams:", *_sources_lines(report)]
                 lines.append(f"  {report['dossiers']} dossiers in the store; day counters raised past every code used")
+                reserved = report["reserved"]
+                lines.append(
+                    f"  {reserved['count']} codes of today, {reserved['first']} to {reserved['last']}, are left unused:"
+                    " dossiers accepted after the backup and never pushed may hold them"
+                )
                 if not report["complete"]:
                     lines.append("  not every upstream answered: the node asks again for used codes when it starts")
             else:

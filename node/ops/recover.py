@@ -395,11 +395,17 @@ async def bootstrap(config: Config, source: str) -> dict[str, Any]:
 
 
 async def after_restore(config: Config) -> dict[str, Any]:
-    """Catch a restored store up: merge what the upstreams gained since the backup, city first."""
+    """Catch a restored store up: merge what the upstreams gained since the backup, city first.
+
+    Like a rebuilt store, a restored one leaves a block of today's codes unused: dossiers accepted after the
+    backup and never pushed are known to nobody, and a new intake must not take their codes.
+    """
     async with upstreams_of(config) as ups, offline_node(config) as node:
         ordered = sorted(ups, key=lambda u: u.name != "city")
         report = await catch_up(node, ordered, modes={u.name: "merge" for u in ups})
         report["client_id"] = node.service.client_id
+        known = [str(r[0]) for r in await node.store.fetchall("SELECT code FROM dossiers")]
+        report["reserved"] = await reserve_today(node, known)
         return report
 
 
