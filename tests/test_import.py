@@ -281,8 +281,8 @@ class TestExitStatus:
         for name in ("broken.json", "headless.csv"):
             status, _, err = _import(capsys, tmp_path, tmp_path / name)
             assert status == 2, (name, err)
-        done = cli("import", str(JSON_FILE), "--config", str(tmp_path / "nothing.toml"), cwd=tmp_path)
-        assert done.returncode == 2 and "file not found" in done.stderr
+        assert main(["import", str(JSON_FILE), "--config", str(tmp_path / "nothing.toml")]) == 2
+        assert "file not found" in capsys.readouterr().err
 
     def test_running_node_exits_3(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         write_config(tmp_path)
