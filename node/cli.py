@@ -68,6 +68,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default action ends the process. Until the event loop takes it over (and remembers a reload
+    # asked for during start-up), it is ignored: the configuration is read below, after this point, anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from node.app import serve
     from node.logs import configure
 

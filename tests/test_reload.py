@@ -524,3 +524,17 @@ class TestStartAndStop:
                     with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
                         await task
                 assert [e.get("event") for e in node.events()].count("config_reloaded") == 1
+
+
+def test_serve_ignores_sighup_before_the_event_loop_takes_it(tmp_path: Path) -> None:
+    """From the first thing ``serve`` does, a SIGHUP no longer ends the process (its default action)."""
+    from node.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--config", str(tmp_path / "missing.toml")])
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        assert args.func(args) != 0  # stops at the missing file, after the signal was set aside
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
