@@ -7,8 +7,12 @@ import contextlib
 import csv
 import json
 import os
+import pty
 import shutil
 import sqlite3
+import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +237,48 @@ class TestRejects:
         assert reasons[8].startswith("QuaTrinhXuLy: the step to status 9 at 20250621080000 is not a legal transition")
         assert reasons[9] == "Ghichu: unknown field"
         assert reasons[10] == "must be a JSON object"
+
+
+class TestOutput:
+    """A summary for people, and a progress bar on a terminal."""
+
+    def test_summary_lines(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        write_config(tmp_path)
+        export = _copy(CSV_FILE, tmp_path)
+        assert main(["import", str(export), "--config", str(tmp_path / "wardsync.toml")]) == 1
+        lines = capsys.readouterr().out.splitlines()
+        summary = next(line for line in lines if line.startswith("read "))
+        assert summary == "read 8, imported 3, already present 0, rejected 5"
+        assert "  line 7 000.30.12.H29-250612-0006: belongs to unit 26740 (Phường Sài Gòn)" in lines
+
+    def test_progress_bar_on_a_terminal(self, tmp_path: Path) -> None:
+        write_config(tmp_path)
+        export = _copy(CSV_FILE, tmp_path)
+        leader, follower = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WARDSYNC_")}
+        env.update(TERM="xterm-256color", COLUMNS="100")
+        chunks: list[bytes] = []
+
+        def drain() -> None:  # read while the command runs: a full terminal buffer would block it
+            with contextlib.suppress(OSError):  # EIO once the command's end of the terminal is gone
+                while chunk := os.read(leader, 65536):
+                    chunks.append(chunk)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "node", "import", str(export), "--config", str(tmp_path / "wardsync.toml")],
+                stdout=subprocess.PIPE, stderr=follower, cwd=tmp_path, env=env, timeout=60, check=False,
+            )
+        finally:
+            os.close(follower)
+            reader.join(timeout=10)
+            os.close(leader)
+        shown = b"".join(chunks)
+        assert done.returncode == 1
+        assert "importing" in shown.decode() and "8/8" in shown.decode()
+        assert b"importing" not in done.stdout  # the bar stays off the summary's stream
 
 
 class TestSplitCommunes:
