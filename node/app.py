@@ -30,7 +30,7 @@ from node.desk.duedate import Deadlines
 from node.documents import add_routes as add_document_routes
 from node.documents import blob_store
 from node.fetcher import Fetcher
-from node.legacy import LegacyCheck
+from node.legacy import CHECK_WRITER, LegacyCheck
 from node.logs import register_secrets
 from node.receipt import add_routes as add_receipt_routes
 from node.registry import get_unit
@@ -207,7 +207,7 @@ class Node:
                     self.store,
                     self.service,
                     self.guarded["national"],
-                    portal_client_id=await self.service.client_id_for("national"),
+                    client_id=await self.service.client_id_for(CHECK_WRITER),
                     clock=self.clock,
                     wake=self.loops["national"].wake,
                 )

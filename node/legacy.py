@@ -58,6 +58,9 @@ ORIGIN = "legacy-import"
 # The client id this node writes imports under (one writer per id: the import holds the data-directory lock).
 WRITER = "legacy-import"
 TARGET = "national"
+# What the check merges from the portal goes under a client id of its own: the puller may merge the same
+# dossier at the same time, and two writers computing updates from one state must never share an id.
+CHECK_WRITER = "national:legacy-check"
 HELD = "held"
 HELD_NOTE = "legacy import: to be looked up on the portal before any push"
 CHUNK = 256
@@ -548,7 +551,7 @@ class LegacyCheck:
         service: DossierService,
         portal: Upstream,
         *,
-        portal_client_id: int,
+        client_id: int,
         clock: Clock | None = None,
         wake: asyncio.Event | None = None,
         batch: int = 50,
@@ -556,7 +559,7 @@ class LegacyCheck:
         self.store = store
         self.service = service
         self.portal = portal
-        self.portal_client_id = portal_client_id
+        self.client_id = client_id
         self.clock = clock or Clock()
         self.wake = wake
         self.batch = batch
@@ -621,7 +624,7 @@ class LegacyCheck:
         # The units are this node's mapping of the old ones: the portal's (old) codes must not win them back.
         incoming = {k: v for k, v in remote.items() if k not in (RECEIVING_FIELD, COMPETENT_FIELD)}
         update = portal_update(
-            code, state, local, None, incoming, client_id=self.portal_client_id, hlc=self.service.hlc
+            code, state, local, None, incoming, client_id=self.client_id, hlc=self.service.hlc
         )
         result = await self.service.merge(Merge(code, update or b"", TARGET, base=remote))
         if result.status == 201:
