@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from node.cli import main
+from node.commands.keys import ensure_keyring
 from node.ops import lock
 from node.registry import get_unit, units
 from tests.conftest import UNIT, running_node
@@ -165,6 +166,29 @@ class TestRoundTrip:
         assert (summary["imported"], summary["rejected"], summary["dry_run"]) == (3, 1, True)
         head, digests, _, marks = _store_state(tmp_path)
         assert (head, digests, marks) == (0, {}, 0)
+
+
+class TestEncryptedStore:
+    """With encryption at rest, imported records are sealed and a second import still finds them."""
+
+    async def test_sealed(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        key_file = tmp_path / "keys" / "wardsync.key"
+        key_file.parent.mkdir()
+        ensure_keyring(key_file)
+        config = write_config(tmp_path)
+        config.write_text(
+            config.read_text(encoding="utf-8").replace("[node]\n", f'[node]\nkey_file = "{key_file}"\n', 1),
+            encoding="utf-8",
+        )
+        export = _copy(JSON_FILE, tmp_path)
+        assert (await asyncio.to_thread(_import, capsys, tmp_path, export))[1]["imported"] == 3
+        status, summary, _ = await asyncio.to_thread(_import, capsys, tmp_path, export)
+        assert (status, summary["imported"], summary["already_present"]) == (1, 0, 3)
+        db = load(config).db_path
+        stored = b"".join(f.read_bytes() for f in db.parent.glob(db.name + "*"))
+        assert b"079190000201" not in stored and "Ngô Văn Long".encode() not in stored
+        async with running_node(load(config)) as (_, base, session):
+            assert (await _get(session, base, "000.31.01.H29-250620-0011"))["ChuHoSo"] == "Ngô Văn Long"
 
 
 class TestRejects:
