@@ -30,6 +30,7 @@ from node.auth import requires
 from node.config import Config
 from node.domain.validation import validate_document
 from node.errors import ApiError, validation_error
+from node.store import fsync_dir
 
 CHUNK_BYTES = 64 * 1024
 HASH_FIELD = "Sha256"  # sha256 of the file's bytes, lowercase hex
@@ -79,18 +80,11 @@ class BlobStore:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(partial.path, final)
             # The rename is durable only once the directory holding the new name is on disk.
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
 
         await asyncio.to_thread(move)
         return final
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class PartialFile:

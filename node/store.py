@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,15 @@ async def migrate(conn: aiosqlite.Connection, target: int = LATEST) -> int:
                 raise
             log.info("store_migrated", version=version)
     return current
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable: fsync the directory itself."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def classify(exc: BaseException) -> StoreError:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +102,16 @@ def valid_intake(**overrides: Any) -> dict[str, Any]:
     }
     body.update(overrides)
     return body
+
+
+async def eventually(
+    check: Callable[[], Awaitable[Any]], within_s: float = 30.0, what: str = "", every_s: float = 0.1
+) -> Any:
+    """Poll ``check`` until it returns something true (returned), failing after ``within_s`` seconds."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(every_s)

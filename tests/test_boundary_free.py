@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 
 from node.app import Node
 from node.config import load_config
-from tests.conftest import running_node, valid_intake
+from tests.conftest import eventually, running_node, valid_intake
 from tests.test_failover import FAST
 from tests.upstreams import Upstreams, running_upstreams, target_overrides
 
@@ -57,15 +56,6 @@ async def post(n: Running, path: str, body: Any = None) -> tuple[int, dict[str, 
     async with s.post(f"{url}{path}", json=body if body is not None else {}) as r:
         return r.status, dict(await r.json())
 
-
-async def eventually(check: Any, within_s: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.1)
 
 
 async def all_converged(a: Running, b: Running, ups: Upstreams, code: str) -> bool:

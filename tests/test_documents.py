@@ -6,7 +6,6 @@ receiving unit's node part-way through every transfer.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import json
@@ -32,7 +31,7 @@ from node.fetcher import FetchSettings
 from node.service import Merge
 from simulations.chaos_proxy import ChaosProxy, ModeError, parse_mode
 from sync import doc as ydoc
-from tests.conftest import make_config, provision_token, running_node, valid_intake
+from tests.conftest import eventually, make_config, provision_token, running_node, valid_intake
 from tests.test_failover import FAST
 from tests.upstreams import Upstreams, running_upstreams, target_overrides
 
@@ -86,15 +85,6 @@ def write_random(path: Path, size: int) -> str:
             left -= len(block)
     return h.hexdigest()
 
-
-async def eventually(check: Callable[[], Awaitable[Any]], within_s: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.1)
 
 
 class TestUpload:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +12,7 @@ from pycrdt import Map
 
 from node.app import Node
 from node.config import load_config
-from tests.conftest import running_node, valid_intake
+from tests.conftest import eventually, running_node, valid_intake
 from tests.test_failover import FAST
 from tests.test_ws import yjs_client
 from tests.upstreams import Upstreams, running_upstreams, target_overrides
@@ -49,15 +47,6 @@ async def journal_length(node: Node) -> int:
     assert row is not None
     return int(row[0])
 
-
-async def eventually(check: Callable[[], Awaitable[Any]], within_s: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + within_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        await asyncio.sleep(0.05)
 
 
 class TestIfMatch:

@@ -27,6 +27,7 @@ from node import __version__
 from node.config import Config
 from node.migrations import LATEST
 from node.ops import lock
+from node.store import fsync_dir
 
 DB_FILE = "wardsync.sqlite3"
 MANIFEST = "manifest.json"
@@ -93,13 +94,6 @@ def describe_store(conn: sqlite3.Connection) -> dict[str, Any]:
     }
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as f:
@@ -149,7 +143,7 @@ def backup(config: Config, dest: Path, *, force: bool = False) -> dict[str, Any]
     tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     _fsync_file(tmp)
     os.replace(tmp, dest / MANIFEST)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     return verify(dest)
 
 
@@ -235,7 +229,7 @@ def restore_files(config: Config, source: Path, *, force: bool) -> Restored:
         conn.execute("COMMIT")
     _fsync_file(partial)
     os.replace(partial, db)
-    _fsync_dir(data_dir)
+    fsync_dir(data_dir)
     return Restored(manifest, replaced)
 
 
@@ -251,7 +245,7 @@ def set_aside(config: Config, *, discard: bool = False) -> Path | None:
     aside.mkdir()
     for p in present:
         os.replace(p, aside / p.name)
-    _fsync_dir(config.data_path)
+    fsync_dir(config.data_path)
     return aside
 
 
