@@ -631,27 +631,12 @@ class DossierService:
         return self._commit_change(op.code, entry, update, batch, now)
 
     def _apply_document(self, op: AddDocument, batch: _Batch, now: Any) -> Result:
-        entry = self._entry(op.code)
-        key = str(op.clean["TepDinhKemId"])
-        existing = ydoc.get_document(entry.doc, key)
-        if existing is not None:
-            # The download URL follows the node's configuration; the same file with the same metadata is
-            # the same document even after the URL changed.
-            same = {k: v for k, v in normalise(existing).items() if k != "DuongDanTaiTepTin"}
-            if same == {k: v for k, v in op.clean.items() if k != "DuongDanTaiTepTin"}:
-                return self._current(entry, 200)
-            raise ApiError(
-                409,
-                "document_exists",
-                f"document {key!r} is already recorded with different values; documents are append-only",
-                fields={"TepDinhKemId": "already recorded on this dossier"},
-            )
-
-        def write(d: Doc[Any]) -> None:
-            ydoc.add_document(d, op.clean)
-
-        update = ydoc.change(entry.doc, write)
-        return self._commit_change(op.code, entry, update, batch, now)
+        # The download URL follows the node's configuration; the same file with the same metadata is the
+        # same document even after the URL changed.
+        return self._append_once(
+            op, batch, now, what="document", key_field="TepDinhKemId", get=ydoc.get_document,
+            add=ydoc.add_document, ignore=frozenset({"DuongDanTaiTepTin"}),
+        )  # fmt: skip
 
     def _apply_edit(self, op: Edit, batch: _Batch, now: Any) -> Result:
         entry = self._entry(op.code)
@@ -675,20 +660,38 @@ class DossierService:
         return self._commit_change(op.code, entry, update, batch, now)
 
     def _apply_fee(self, op: AddFee, batch: _Batch, now: Any) -> Result:
+        return self._append_once(op, batch, now, what="fee", key_field="MaPhiLePhi", get=ydoc.get_fee, add=ydoc.add_fee)
+
+    def _append_once(
+        self,
+        op: AddFee | AddDocument,
+        batch: _Batch,
+        now: Any,
+        *,
+        what: str,
+        key_field: str,
+        get: Callable[[Doc[Any], str], Any],
+        add: Callable[[Doc[Any], dict[str, Any]], object],
+        ignore: frozenset[str] = frozenset(),
+    ) -> Result:
+        """Record an append-only item (a fee, a document) once: the same values again answer 200, others 409."""
         entry = self._entry(op.code)
-        existing = ydoc.get_fee(entry.doc, str(op.clean["MaPhiLePhi"]))
+        key = str(op.clean[key_field])
+        existing = get(entry.doc, key)
         if existing is not None:
-            if normalise(existing) == op.clean:
+            if {k: v for k, v in normalise(existing).items() if k not in ignore} == {
+                k: v for k, v in op.clean.items() if k not in ignore
+            }:
                 return self._current(entry, 200)
             raise ApiError(
                 409,
-                "fee_exists",
-                f"fee {op.clean['MaPhiLePhi']!r} is already recorded with different values; fees are append-only",
-                fields={"MaPhiLePhi": "already recorded on this dossier"},
+                f"{what}_exists",
+                f"{what} {key!r} is already recorded with different values; {what}s are append-only",
+                fields={key_field: "already recorded on this dossier"},
             )
 
         def write(d: Doc[Any]) -> None:
-            ydoc.add_fee(d, op.clean)
+            add(d, op.clean)
 
         update = ydoc.change(entry.doc, write)
         return self._commit_change(op.code, entry, update, batch, now)
