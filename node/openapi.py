@@ -209,6 +209,10 @@ _TARGET_STATUS = {
         "breaker": {"enum": ["closed", "open", "half_open"]},
         "lag_records": {"type": "integer"},
         "lag_seconds": {"type": "number"},
+        "pending": {"type": "integer"},
+        "dead": {"type": "integer"},
+        "parked": {"type": "integer"},
+        "held": {"type": "integer", "description": "imported dossiers waiting for the portal check"},
         "last_ok_at": {"type": ["string", "null"]},
         "last_error": {"type": ["string", "null"]},
         "antientropy": {"type": ["object", "null"], "description": "checked, missing_remote, missing_local, "

@@ -355,7 +355,8 @@ class Replicator:
         cursor = await self.cursor()
         row = await self.store.fetchone(
             "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'),"
-            " count(*) FILTER (WHERE state = 'parked') FROM replication WHERE target = ?",
+            " count(*) FILTER (WHERE state = 'parked'), count(*) FILTER (WHERE state = 'held')"
+            " FROM replication WHERE target = ?",
             (self.target,),
         )
         oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
@@ -364,14 +365,16 @@ class Replicator:
             lag_s = max(
                 0.0, self.clock.now().timestamp() - datetime.fromisoformat(oldest[0].replace("Z", "+00:00")).timestamp()
             )
-        pending, dead, parked = (int(x or 0) for x in (row or (0, 0, 0)))
+        pending, dead, parked, held = (int(x or 0) for x in (row or (0, 0, 0, 0)))
         return {
             "cursor": cursor,
-            "lag_records": max(0, journal_head - cursor) + pending,
+            # Held: imported dossiers waiting for the portal check (node/legacy.py) before their first push.
+            "lag_records": max(0, journal_head - cursor) + pending + held,
             "lag_seconds": round(lag_s, 3),
             "pending": pending,
             "dead": dead,
             "parked": parked,
+            "held": held,
             "last_ok_at": self.last_ok_at,
         }
 

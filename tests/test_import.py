@@ -523,6 +523,9 @@ class TestPortalDown:
                 record = await _get(session, base, PORTAL_LACKS)
                 assert record["replication"]["national"]["state"] == "held"
                 assert PORTAL_LACKS not in await ups.dossiers("national", UNIT)
+                async with session.get(f"{base}/api/v1/status") as resp:
+                    national = (await resp.json())["targets"]["national"]
+                assert national["held"] == 1 and national["lag_records"] >= 1  # counted as not yet there
                 await ups.clear("national")
                 # The breaker's open time doubles with each failed probe: allow for a long outage's.
                 await _wait_national(node, {PORTAL_LACKS: "synced"}, within_s=60)
