@@ -12,7 +12,10 @@ Per code in the bucket:
 
 - held here, not upstream: pushed again from scratch (:meth:`Replicator.requeue`, then the push loop
   is woken);
-- held upstream, not here: pulled in (:meth:`Puller.pull_codes`);
+- held upstream, not here: pulled in (:meth:`Puller.pull_codes`). A portal record without any step
+  is not created here (see :mod:`sync.puller`): it stays ``missing_local`` round after round, without
+  a repair, until the portal has its steps or the city's Doc has come in. This is what brings back a
+  dossier whose steps reached the portal without a new feed entry for this unit;
 - held on both with different digests: pulled first, then pushed again. Pull first, because the push
   of the portal's record replaces its fields: pushing before pulling would overwrite an officer's edit
   on the portal that the feed has not brought here yet. Merging is idempotent, and a pull that changes

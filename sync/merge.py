@@ -10,6 +10,10 @@ own client id for the portal (never its main one: one writer per client id). The
 - forward-only values never move back (the forwarding state 1 → 4 → 2 → 3); the status is derived from
   the steps and never written;
 - a step new to the Doc gets an HLC stamp derived from its ThoiDiemXuLy, so it sorts where it happened.
+
+A record without any step (:func:`lacks_steps`) is the portal's half of a push whose steps call failed.
+Merged into a Doc that exists it adds what it has; a Doc must never be started from it (no step, no
+status): the caller leaves such a dossier for later.
 """
 
 from __future__ import annotations
@@ -34,6 +38,17 @@ FORWARD_ONLY = {"TrangThaiPhiDiaGioi": FORWARD_ORDER}
 PORTAL_BASE_UPSERT = (
     "INSERT INTO portal_base (code, record) VALUES (?, ?) ON CONFLICT (code) DO UPDATE SET record = excluded.record"
 )
+
+
+def lacks_steps(record: Mapping[str, Any]) -> bool:
+    """Whether the portal's ``record`` carries no processing step (``QuaTrinhXuLy`` empty or missing).
+
+    The portal stores a record and its steps in two calls; a record whose steps call failed has no step
+    yet. A Doc built from it alone would have no status, which the portal refuses on every later push
+    ("TrangThaiHoSo: bắt buộc") while the city system accepts it.
+    """
+    steps = record.get("QuaTrinhXuLy")
+    return not (isinstance(steps, list) and any(isinstance(s, dict) for s in steps))
 
 
 def stamp_of(when: str, hlc: HLC) -> str:

@@ -12,6 +12,12 @@ portal's record into it, so the node does not start a second, independent copy o
 portal writer (which would meet the receiving unit's Doc later as a concurrent write of every field, and
 could let that stale copy win over a later edit). Only when the city cannot give the Doc is the dossier
 created from the portal's record alone.
+
+Not from a record without any step, though (:func:`sync.merge.lacks_steps`: the receiving unit's push
+stored the record and its steps call failed): that Doc would have no status. Such a dossier is left out,
+logged once at info as ``pull_incomplete``, and comes in later whole: from the city's Doc (its puller),
+from the portal's feed (storing the steps moves the dossier up the feed, past the cursor that skipped it),
+or from anti-entropy, which finds it missing here on every round and pulls it again.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from node.errors import ApiError
 from node.service import DossierService, Merge
 from node.store import Store
 from sync import doc as ydoc
-from sync.merge import portal_update
+from sync.merge import lacks_steps, portal_update
 from sync.record import materialise
 from sync.yupdate import Refused, decode_update
 
@@ -65,6 +71,8 @@ class Puller:
         self.pulled = 0
         self.merged = 0
         self.refused = 0
+        # Codes left out for a stepless portal record, each logged once; a code leaves when it comes in.
+        self.incomplete: set[str] = set()
 
     async def cursor(self) -> int:
         row = await self.store.fetchone("SELECT seq FROM pull_cursors WHERE target = ?", (self.target,))
@@ -112,7 +120,13 @@ class Puller:
         if fetched.update is not None:
             op = Merge(code, fetched.update, self.target)
         elif fetched.record is not None:
-            op = await self._portal_merge(code, fetched.record)
+            portal_op = await self._portal_merge(code, fetched.record)
+            if portal_op is None:
+                if code not in self.incomplete:
+                    self.incomplete.add(code)
+                    log.info("pull_incomplete", target=self.target, code=code)
+                return
+            op = portal_op
         else:
             return
         try:
@@ -124,8 +138,14 @@ class Puller:
             return
         if result.status == 201:
             self.merged += 1
+        self.incomplete.discard(code)
 
-    async def _portal_merge(self, code: str, remote: Any) -> Merge:
+    async def _portal_merge(self, code: str, remote: Any) -> Merge | None:
+        """The merge of the portal's record; None when it would start a Doc without a step (left for later).
+
+        Nothing is written then, not even the base: a base without the dossier would make the later
+        three-way merge read every field as one the portal never changed.
+        """
         row = await self.store.fetchone("SELECT state, record FROM dossiers WHERE code = ?", (code,))
         base_row = await self.store.fetchone("SELECT record FROM portal_base WHERE code = ?", (code,))
         sealer = self.store.sealer
@@ -135,6 +155,8 @@ class Puller:
         existing = await self._existing_doc(code) if state is None else None
         if existing is not None:
             state, local = existing
+        elif state is None and lacks_steps(remote):
+            return None
         update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id, hlc=self.service.hlc)
         if existing is not None:
             update = pycrdt.merge_updates(existing[0], update) if update else existing[0]
