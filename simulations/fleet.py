@@ -541,16 +541,23 @@ class FleetWorker:
         lag_s = float(self.spec.get("lag_s") or 0)
         if lag_s <= 0:
             return
+
+        async def one(node: Node, name: str, rep: Any) -> tuple[str, list[float]] | None:
+            with contextlib.suppress(Exception):
+                lag = await rep.lag(node.service.journal_head)
+                return name, [float(lag["lag_records"]), float(lag["lag_seconds"])]
+            return None
+
         while not self.stop.is_set():
             nodes: dict[str, dict[str, list[float]]] = {}
-            for unit, node in list(self.nodes.items()):
-                head = node.service.journal_head
-                per: dict[str, list[float]] = {}
-                for name, rep in node.replicators.items():
-                    with contextlib.suppress(Exception):
-                        lag = await rep.lag(head)
-                        per[name] = [float(lag["lag_records"]), float(lag["lag_seconds"])]
-                nodes[unit] = per
+            # All at once: one after the other, a busy event loop takes minutes to go round a large fleet.
+            running = list(self.nodes.items())
+            answers = await asyncio.gather(
+                *(asyncio.gather(*(one(node, name, rep) for name, rep in node.replicators.items()))
+                  for _unit, node in running)
+            )
+            for (unit, _node), per in zip(running, answers, strict=True):
+                nodes[unit] = dict(x for x in per if x is not None)
             self.out.send({"type": "lag", "t": time.monotonic(), "nodes": nodes})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), lag_s)

@@ -31,7 +31,7 @@ def key_figures(r: dict[str, Any]) -> dict[str, Any]:
         "duplicated": c.get("duplicated"),
         "unexpected": c.get("unexpected"),
         "converged": c.get("converged"),
-        "drain_s": r.get("timings", {}).get("drain_s"),
+        "drain_s": _drain(r.get("timings", {}).get("drain_s")),
         "total_s": r.get("timings", {}).get("total_s"),
     }
     for i, p in enumerate(c.get("failover", {}).get("phases", [])):
@@ -46,6 +46,11 @@ def key_figures(r: dict[str, Any]) -> dict[str, Any]:
     if "peak_tree_rss_mb" in r:
         out["peak_tree_rss_mb"] = r["peak_tree_rss_mb"]
     return out
+
+
+def _drain(v: Any) -> Any:
+    """Seconds the drain took; None when it did not finish (the drill writes -1)."""
+    return None if isinstance(v, int | float) and v < 0 else v
 
 
 def deltas(now: dict[str, Any], base: dict[str, Any]) -> list[tuple[str, Any, Any, str]]:
@@ -169,7 +174,7 @@ def summary_rows(r: dict[str, Any]) -> list[tuple[str, str, str]]:
                      ""))
         rows.append((f"backlog {target}: peak / drained in s", f"{lag['peak_backlog']} / {_fmt(lag['drain_s'])}", ""))
     t = r.get("timings", {})
-    rows.append(("day / drain / total (s)", f"{_fmt(t.get('day_s'))} / {_fmt(t.get('drain_s'))} / "
+    rows.append(("day / drain / total (s)", f"{_fmt(t.get('day_s'))} / {_fmt(_drain(t.get('drain_s')))} / "
                  f"{_fmt(t.get('total_s'))}", ""))
     return rows
 
