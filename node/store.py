@@ -116,6 +116,11 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         # One transaction at a time on the writer, in the order they were asked for.
         self._write_lock = asyncio.Lock()
+        # One statement at a time on the reader: SQLite keeps a connection's read snapshot while any of its
+        # statements is open, so a read started beside another task's unfinished cursor would see the store as
+        # of that cursor's start and miss commits acknowledged since (an Idempotency-Key retried right after
+        # its 201 then minted a second dossier).
+        self._read_lock = asyncio.Lock()
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -220,11 +225,11 @@ class Store:
         return result
 
     async def fetchone(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        async with self.reader.execute(sql, params) as cur:
+        async with self._read_lock, self.reader.execute(sql, params) as cur:
             return await cur.fetchone()
 
     async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self.reader.execute(sql, params) as cur:
+        async with self._read_lock, self.reader.execute(sql, params) as cur:
             return list(await cur.fetchall())
 
     async def get_meta(self, key: str) -> str | None:
