@@ -33,7 +33,7 @@ from node.clock import iso, local
 from node.config import Config
 from node.errors import ApiError
 from node.service import Merge
-from sync.merge import portal_update
+from sync.merge import lacks_steps, portal_update
 from sync.statevector import decode_state_vector
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ async def pull(node: Node, upstream: Upstream, *, mode: str, since: int = 0) -> 
             remote[code] = (fetched.digest, ack_for(fetched.record))
         else:
             remote[code] = (fetched.digest, fetched.state_vector)
-        if row is None and fetched.record is not None and not fetched.record.get("QuaTrinhXuLy"):
+        if row is None and fetched.record is not None and lacks_steps(fetched.record):
             report.incomplete.append(code)
             log.warning("recover_incomplete", target=upstream.name, code=code)
             return
