@@ -204,6 +204,8 @@ class Ledger:
         code = str(record["MaHoSo"])
         self.digests[code] = str(record["digest"])
         self.steps[code] = len(record.get("QuaTrinhXuLy") or [])
+        # A write acknowledged after an unanswered one settles it: its digest covers whatever that one did.
+        self.unsure.discard(code)
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: dict[str, Any], key: str) -> tuple[int, str]:
