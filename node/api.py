@@ -358,7 +358,7 @@ async def admin_faults_open(request: web.Request) -> web.Response:
         raise ApiError(422, "validation_failed", "the body must be a JSON object", fields={"$": "must be an object"})
     errors: dict[str, str] = {}
     target, mode, seconds = body.get("target"), body.get("mode"), body.get("seconds")
-    if target not in node.guarded:
+    if not isinstance(target, str) or target not in node.guarded:  # a list or an object is not a target (nor hashable)
         errors["target"] = f"must be one of {', '.join(node.guarded) or '(no targets configured)'}"
     if mode not in MODES:
         errors["mode"] = f"must be one of {', '.join(MODES)}"

@@ -364,6 +364,13 @@ class TestFoundByFuzzing:
         assert error_envelope_problem(answer) is None, answer.body
         assert "\ud800primary" in json.loads(answer.body)["error"]["fields"]
 
+    @pytest.mark.parametrize("value", [[], {}, ["national"]], ids=["list", "object", "list-of-name"])
+    def test_fault_window_target_of_another_type(self, target: Target, value: object) -> None:
+        body = {"target": value, "mode": "latency", "seconds": 0.5, "ms": 5}
+        answer = target.call("POST", "/api/v1/admin/faults", body)
+        assert answer.status == 422, answer.body
+        assert "target" in json.loads(answer.body)["error"]["fields"]
+
     @pytest.mark.parametrize(
         ("content_type", "body"),
         [
