@@ -43,6 +43,7 @@ from tests.fuzz_openapi import (
     error_envelope_problem,
     fuzz_request,
     operations,
+    resolve,
     send,
 )
 
@@ -462,4 +463,32 @@ class TestProtocolGarbage:
             ready = send(HOST, target.port, FuzzRequest("readyz", "GET", "/readyz"))
             assert ready.status == 200, f"after {name}: {ready.status}"
         print("\n".join(f"{k}: {v}" for k, v in answers.items()))
+        check_node_afterwards(target)
+
+
+WRONG_TYPES: tuple[object, ...] = ([], {}, None, True, 1.5, 2**70, -1, "", "x" * 300, [["deep"]], {"a": {}})
+
+
+class TestEveryFieldEveryType:
+    """Each field of each JSON body the document describes, in turn, given a value of every other JSON type."""
+
+    def test_wrong_types(self, target: Target) -> None:
+        doc = openapi_document()
+        by_label = {op.label: op for op in operations(doc)}
+        sent = 0
+        for label, example in EXAMPLES.items():
+            op = by_label[label]
+            schema = resolve(doc, (op.body or {})["application/json"]["schema"])
+            path = op.path.replace("{code}", target.path_values["code"][2])
+            heads = [("Authorization", f"Bearer {target.token}".encode()), ("Content-Type", b"application/json")]
+            if op.method == "PATCH":
+                heads.append(("If-Match", b'"0000"'))  # stale: a valid body gets 412, an invalid one 4xx all the same
+            for name in sorted(set(schema.get("properties", {})) | set(example)):
+                for value in WRONG_TYPES:
+                    body = json.dumps({**example, name: value}).encode()
+                    req = FuzzRequest(label, op.method, path, heads, body)
+                    check_answer(by_label, op, req, send(HOST, target.port, req))
+                    sent += 1
+        print(f"{sent} requests with a field of another type")
+        assert sent > 300
         check_node_afterwards(target)
