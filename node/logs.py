@@ -102,6 +102,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.stdlib.ExtraAdder(allow=("detail", "left_out_since_last")),
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -112,9 +113,43 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     )
     handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter)
+    handler.addFilter(MalformedRequests())
     handler.set_name(_STDLIB_HANDLER)
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == _STDLIB_HANDLER]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse as an error with a full traceback, before any of our code
+    (or a token check) runs: anyone who can reach the port could fill the log that way. Such a record becomes
+    one warning line without the traceback, at most one a second, with how many were left out since.
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last = float("-inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not record.name.startswith("aiohttp") or not isinstance(exc, HttpProcessingError):
+            return True
+        now = record.created
+        if now - self._last < self.every_s:
+            self.suppressed += 1
+            return False
+        self._last = now
+        left_out, self.suppressed = self.suppressed, 0
+        record.msg = "malformed_http_request"
+        record.args = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text = None, None
+        record.__dict__["detail"] = f"{type(exc).__name__}: {exc.message}"[:200]
+        record.__dict__["left_out_since_last"] = left_out
+        return True

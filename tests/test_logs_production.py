@@ -98,6 +98,33 @@ class TestLibraryLogs:
         assert "ValueError" in event["exception"]
 
 
+class TestMalformedRequests:
+    """Bytes that are not HTTP make one short warning a second, never a traceback per connection."""
+
+    async def test_garbage_does_not_fill_the_log(self, tmp_path: Path, stream: io.StringIO) -> None:
+        node = {"unit": UNIT, "agency_code": AGENCY, "listen": "127.0.0.1:0", "data_dir": str(tmp_path / "n")}
+        config = load_config(env={}, overrides={"node": node})
+        async with running_node(config) as (_, url, session):
+            host, port = url.removeprefix("http://").rsplit(":", 1)
+            for i in range(30):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                # A bad header token is what aiohttp logged as an error with a traceback, each time.
+                writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\nBad\x01Header%d: y\r\n\r\n" % i)
+                await writer.drain()
+                answer = await reader.read(200)
+                assert answer.startswith((b"HTTP/1.0 400", b"HTTP/1.1 400")), answer
+                writer.close()
+                await writer.wait_closed()
+            async with session.get(f"{url}/readyz") as resp:
+                assert resp.status == 200
+        events = lines(stream)
+        bad = [e for e in events if e["event"] == "malformed_http_request"]
+        assert 1 <= len(bad) <= 5, bad  # the 30 came within a few seconds
+        assert all(e["level"] == "warning" and "exception" not in e and e["detail"] for e in bad)
+        assert "Traceback" not in stream.getvalue()
+        assert not [e for e in events if e.get("logger", "").startswith("aiohttp") and e["level"] == "error"]
+
+
 class TestPushBatchLine:
     """A real node pushing to both stand-ins writes one canonical JSON line per push call."""
 
