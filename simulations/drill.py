@@ -654,13 +654,49 @@ class Drill:
         while time.monotonic() < end:
             if progress:
                 progress(self)
-            # Drained means the backlog is empty, every replica agrees and every node is back on its primary.
-            if self._drained() and self._on_primary() and self.driver is not None and self.driver.inflight == 0:
-                snap = await self.gather(http)
-                if check(snap)["converged"]:
-                    return time.monotonic()
+            # Drained means the backlog is empty, every node is back on its primary, every acknowledged dossier
+            # reached its units' nodes, their copies agree and both upstreams hold as many dossiers. The full
+            # check (every digest of both upstreams) comes after the workers stop: listing tens of thousands
+            # of dossiers holds a stand-in up for seconds, long enough to trip every node's breaker.
+            if (
+                self._drained()
+                and self._on_primary()
+                and self.driver is not None
+                and self.driver.inflight == 0
+                and await asyncio.to_thread(self._nodes_settled)
+                and await self._upstreams_level(http)
+            ):
+                return time.monotonic()
             await asyncio.sleep(1.0)
         return None
+
+    def _nodes_settled(self) -> bool:
+        """Every acknowledged dossier on its receiving and competent units' nodes, one digest per code."""
+        assert self.driver is not None
+        nodes = self._read_stores()
+        by_id = self.driver.by_id
+        for did, code in list(self.driver.acks.dossiers.items()):
+            d = by_id[did]
+            if any(code not in nodes.get(u, {}) for u in {d.unit, d.competent}):
+                return False
+        digests: dict[str, str] = {}
+        for held in nodes.values():
+            for code, rec in held.items():
+                if digests.setdefault(code, rec["digest"]) != rec["digest"]:
+                    return False
+        return True
+
+    async def _upstreams_level(self, http: aiohttp.ClientSession) -> bool:
+        """Both upstreams hold the same number of dossiers, at least every acknowledged one (cheap counts)."""
+        assert self.national is not None and self.city is not None and self.driver is not None
+        counts = []
+        try:
+            for s in (self.national, self.city):
+                async with http.get(f"{s.url}/__inspect/stats") as r:
+                    counts.append(int((await r.json()).get("dossiers", -1)))
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            return False
+        return counts[0] == counts[1] >= len(self.driver.acks.dossiers)
 
     async def upstream_view(self, http: aiohttp.ClientSession | None) -> tuple[dict[str, dict[str, str]],
                                                                               dict[str, int]]:

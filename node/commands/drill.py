@@ -209,6 +209,12 @@ def _run_until_signal(main: Any) -> Any:
         return 130
 
 
+def _say(message: str) -> None:
+    """A line on stderr above the progress bar. Plain print: the bar's live display redirects stderr on a
+    terminal, and a console print racing its refresh elsewhere can lose the line."""
+    print(message, file=sys.stderr, flush=True)
+
+
 class FleetBar:
     """The progress bar (on stderr) and, once the nodes are up, the fleet dashboard and a command to try."""
 
@@ -264,10 +270,9 @@ class FleetBar:
         unit, target = next(iter(sorted((u, t) for u, t in d.targets.items() if t is not None)), (None, None))
         if target is None or self.quiet:
             return
-        self.progress.console.print(
+        _say(
             f"{len(d.targets)} nodes up, each with its own token (roles clerk, operator, drill). Try one:\n"
-            f"  curl -s -H 'Authorization: Bearer {target.token}' {target.url}/api/v1/status   # unit {unit}",
-            soft_wrap=True,
+            f"  curl -s -H 'Authorization: Bearer {target.token}' {target.url}/api/v1/status   # unit {unit}"
         )
 
     def _inventory(self, d: Any) -> list[Any]:
@@ -295,13 +300,13 @@ class FleetBar:
             self.runner = runner
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         except (OSError, ValueError) as exc:
-            self.progress.console.print(f"the fleet dashboard could not start: {exc}")
+            _say(f"the fleet dashboard could not start: {exc}")
             return
         self.monitor = app[MONITOR]
         addr = runner.addresses[0]
         self.dashboard_url = f"http://{addr[0]}:{addr[1]}/"
         if not self.quiet:
-            self.progress.console.print(f"fleet dashboard: {self.dashboard_url}", soft_wrap=True)
+            _say(f"fleet dashboard: {self.dashboard_url}")
 
     def _sync(self, d: Any) -> None:
         """A restarted worker serves its nodes on new ports: point the dashboard at them."""
@@ -315,6 +320,8 @@ class FleetBar:
     async def close(self) -> None:
         if self._serve_task is not None:
             await asyncio.wait({self._serve_task})
+            if not self._serve_task.cancelled() and (exc := self._serve_task.exception()) is not None:
+                _say(f"the fleet dashboard failed: {type(exc).__name__}: {exc}")
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
