@@ -184,9 +184,11 @@ class Controller:
                 (state,),
             )
 
-        await self.store.write(write)
+        # Shown before the write returns, like the active source it explains: a status read in between must
+        # not show a switched source without its switch.
         self.events.insert(0, _event(at, kind, frm, to, reason))
         del self.events[RECENT_EVENTS:]
+        await self.store.write(write)
 
     def describe(self) -> dict[str, Any]:
         return {
