@@ -37,7 +37,8 @@ TARGETS = ("national", "city")
 class Snapshot:
     """Everything the checker looks at; JSON-serialisable, so a test can plant faults in a copy."""
 
-    # dossier id -> {"unit", "competent"}, for every dossier the drill attempted
+    # dossier id -> {"unit", "competent", "code"?}, for every dossier the drill attempted ("code": an online
+    # submission's code on the portal, known before any answer)
     attempted: dict[str, dict[str, str]] = field(default_factory=dict)
     acked: dict[str, str] = field(default_factory=dict)  # dossier id -> code
     acked_steps: dict[str, list[list[Any]]] = field(default_factory=dict)  # id -> [[status, note]]
@@ -143,17 +144,26 @@ def check(s: Snapshot) -> dict[str, Any]:
             if len(codes) > 1:
                 duplicated.append({"tag": tag, "at": where, "codes": sorted(codes)})
     known = set(replicas)
+    sent_codes = {str(v["code"]) for v in s.attempted.values() if v.get("code")}
+    strays: set[str] = set()  # sent to the portal, never acknowledged, on no node: in doubt, not a replica set
     for target, digests in s.upstreams.items():
         for code, d in digests.items():
             replicas[code][target] = d
             if code not in known and code not in acked_codes:
-                # No node holds it and no desk was told of it: a dossier nobody submitted.
-                unexpected.append({"code": code, "at": target, "tag": None})
+                if code in sent_codes:
+                    # An online submission whose answer never came (its steps may be missing): in doubt.
+                    in_doubt.add(code)
+                    strays.add(code)
+                else:
+                    # No node holds it and no desk was told of it: a dossier nobody submitted.
+                    unexpected.append({"code": code, "at": target, "tag": None})
     for target, n in s.upstream_duplicates.items():
         if n:
             duplicated.append({"at": target, "what": f"{n} stored twice (the stand-in's own count)"})
     diverged = {
-        code: reps for code, reps in replicas.items() if len(set(reps.values())) > 1 or not _everywhere(reps, s)
+        code: reps
+        for code, reps in replicas.items()
+        if code not in strays and (len(set(reps.values())) > 1 or not _everywhere(reps, s))
     }
     acked_steps = sum(len(v) for v in s.acked_steps.values())
     result: dict[str, Any] = {

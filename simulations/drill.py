@@ -723,7 +723,8 @@ class Drill:
         acks = self.driver.acks
         by_id = self.driver.by_id
         return Snapshot(
-            attempted={str(i): {"unit": by_id[i].unit, "competent": by_id[i].competent} for i in acks.attempted},
+            attempted={str(i): {"unit": by_id[i].unit, "competent": by_id[i].competent}
+                       | ({"code": acks.online_codes[i]} if i in acks.online_codes else {}) for i in acks.attempted},
             acked={str(i): c for i, c in acks.dossiers.items()},
             acked_steps={str(i): [list(x) for x in v] for i, v in acks.steps.items()},
             nodes=nodes,

@@ -261,6 +261,7 @@ class Acks:
     refused: dict[str, int] = field(default_factory=dict)  # "kind:status" -> count (4xx answers)
     gave_up: dict[str, int] = field(default_factory=dict)  # kind -> writes never acknowledged
     latencies_ms: list[float] = field(default_factory=list)
+    online_codes: dict[int, str] = field(default_factory=dict)  # id -> code sent to the portal, acked or not
 
     def count(self, bucket: dict[str, int], key: str) -> None:
         bucket[key] = bucket.get(key, 0) + 1
@@ -470,6 +471,7 @@ class Driver:
         now = datetime.now(UTC)
         self._online_seq += 1
         code = f"{ONLINE_AGENCY}-{dvcqg(now)[2:8]}-{d.id % 100_000:05d}"
+        self.acks.online_codes[d.id] = code
         received = dvcqg(now)
         record = {
             **{k: v for k, v in d.body.items() if k != "MaDonViXuLy"},

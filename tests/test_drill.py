@@ -324,6 +324,11 @@ class TestChecker:
         stranger = copy.deepcopy(s)
         stranger.upstreams["national"]["ZZ"] = "dz"
         assert check(stranger)["unexpected"] == 1
+        stray = copy.deepcopy(s)
+        stray.attempted["2"] = {"unit": "25747", "competent": "25747", "code": "C2"}
+        stray.upstreams["national"]["C2"] = "d2"  # sent to the portal, never acknowledged, never pulled
+        r = check(stray)
+        assert (r["unexpected"], r["in_doubt"], r["converged"], r["ok"]) == (0, 1, True, True)
         diverged = copy.deepcopy(s)
         diverged.upstreams["city"]["C0"] = "other"
         r = check(diverged)
