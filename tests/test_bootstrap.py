@@ -144,7 +144,8 @@ def seq_of(code: str) -> tuple[str, int]:
 
 
 class TestRebuildALostNode:
-    @pytest.mark.parametrize("source", ["city", "national"])
+    # Both sources share every step but the first; the portal variant runs with the slow tests.
+    @pytest.mark.parametrize("source", ["city", pytest.param("national", marks=pytest.mark.slow)])
     @pytest.mark.timeout(240)  # 11 to 25 s measured on a quiet 2-core machine, up to 77 s with it loaded
     async def test_sigkill_delete_bootstrap_then_merge_the_old_disk(self, tmp_path: Path, source: str) -> None:
         async with running_upstreams(tmp_path / "ups") as ups:

@@ -183,6 +183,7 @@ class TestCrashDrill:
 class TestViolations:
     """The drill fails loudly when an invariant does not hold."""
 
+    @pytest.mark.slow  # a whole compressed day with a fleet; the checker's verdicts are covered by TestChecker
     def test_exit_status_when_the_backlog_never_reaches_the_upstreams(self, tmp_path: Path) -> None:
         """The city system down to the end of the day and no time to drain: lost dossiers, exit status 1."""
         scenario = tmp_path / "cut-off.toml"
