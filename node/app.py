@@ -150,8 +150,6 @@ class Node:
                     guarded,
                     unit=self.config.node.unit,
                     portal_client_id=portal_cid,
-                    # A dossier first seen on the portal is taken from the city's Doc when the city has it.
-                    doc_source=self.guarded.get("city") if name == "national" else None,
                 )
                 self.antientropy[name] = AntiEntropy(
                     self.store,

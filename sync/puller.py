@@ -6,12 +6,12 @@ diff against the last record acknowledged by or pulled from the portal (:mod:`sy
 cursor is committed in the same transaction as the last merge of a page, so a crash re-reads at most a
 page, and merging twice changes nothing.
 
-A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. When
-the city system is configured too, the portal's puller takes that Doc from the city first and merges the
-portal's record into it, so the node does not start a second, independent copy of every field under its
-portal writer (which would meet the receiving unit's Doc later as a concurrent write of every field, and
-could let that stale copy win over a later edit). Only when the city cannot give the Doc is the dossier
-created from the portal's record alone.
+A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. Given a
+``doc_source`` (the city system), the portal's puller takes that Doc first and merges the portal's record
+into it, so the node does not start a second, independent copy of every field under its portal writer.
+The node does not pass one yet: with it, the boundary-free test with the city down (forward, take over,
+return while the city is unreachable) intermittently converged on a stale forwarding state, a cause not
+found yet. Without a ``doc_source`` the dossier is created from the portal's record, as before.
 
 Not from a record without any step, though (:func:`sync.merge.lacks_steps`: the receiving unit's push
 stored the record and its steps call failed): that Doc would have no status. Such a dossier is left out,
