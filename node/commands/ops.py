@@ -62,6 +62,15 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, overrides={"node": {"data_dir": args.data_dir}})
 
 
+def _config_or_exit(args: argparse.Namespace, cmd: str) -> Config:
+    """The configuration, or the problems on standard error and exit status EXIT_CONFIG."""
+    try:
+        return _config(args)
+    except ConfigError as exc:
+        print(f"wardsync {cmd}: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from exc
+
+
 def _fail(cmd: str, exc: BaseException | str) -> int:
     print(f"wardsync {cmd}: {exc}", file=sys.stderr)
     return EXIT_FAILED
@@ -115,11 +124,7 @@ def _restore(args: argparse.Namespace) -> int:
     from node.ops.backup import BackupError, restore_files
     from node.ops.recover import after_restore
 
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        print(f"wardsync restore: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = _config_or_exit(args, "restore")
     try:
         with lock.hold(config.data_path, "restore"):
             restored = restore_files(config, Path(args.source), force=args.force)
@@ -158,11 +163,7 @@ def _bootstrap(args: argparse.Namespace) -> int:
     from node.ops.backup import BackupError, set_aside
     from node.ops.recover import bootstrap
 
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        print(f"wardsync bootstrap: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = _config_or_exit(args, "bootstrap")
     if getattr(config, args.source) is None:
         print(f"wardsync bootstrap: [targets.{args.source}] is not configured", file=sys.stderr)
         return EXIT_CONFIG
@@ -213,11 +214,7 @@ def _merge_store(args: argparse.Namespace) -> int:
     from node.ops import lock
     from node.ops.recover import merge_store
 
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        print(f"wardsync merge-store: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = _config_or_exit(args, "merge-store")
     old = Path(args.old)
     if old.resolve() in (config.data_path.resolve(), config.db_path.resolve()):
         return _fail("merge-store", f"{old} is this node's own store")
@@ -250,11 +247,7 @@ def _merge_store(args: argparse.Namespace) -> int:
 def _doctor(args: argparse.Namespace) -> int:
     from node.ops.doctor import Thresholds, print_table, run_checks
 
-    try:
-        config = _config(args)
-    except ConfigError as exc:
-        print(f"wardsync doctor: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    config = _config_or_exit(args, "doctor")
     thresholds = Thresholds(min_free_mb=args.min_free_mb, min_free_inodes=args.min_free_inodes, timeout_s=args.timeout)
     checks = asyncio.run(run_checks(config, thresholds))
     if args.json:
