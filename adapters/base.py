@@ -84,6 +84,15 @@ class PushResult:
 class FeedItem:
     code: str
     seq: int
+    # The digest of the record as the upstream holds it after this change, when its feed gives one: a
+    # puller that already holds that digest has nothing to fetch (the echo of its own push).
+    digest: str | None = None
+
+
+def feed_digest(item: Mapping[str, Any]) -> str | None:
+    """The optional ``digest`` of one item of a feed answer; None when absent or not a digest."""
+    value = item.get("digest")
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)

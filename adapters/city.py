@@ -29,7 +29,7 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type informat
 import pycrdt
 import structlog
 
-from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError
+from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError, feed_digest
 from sync.statevector import EMPTY_STATE_VECTOR, covers, decode_state_vector
 
 log = structlog.get_logger()
@@ -160,9 +160,7 @@ class CityAdapter:
             if not (isinstance(update, bytes) and isinstance(sv, bytes) and isinstance(digest, str)):
                 raise TypeError("update, state_vector and digest have the wrong types")
         except (ValueError, TypeError, KeyError, msgpack.UnpackException) as exc:
-            raise UpstreamError(
-                f"malformed answer: {exc}", upstream=NAME, op="fetch", retriable=True
-            ) from exc
+            raise UpstreamError(f"malformed answer: {exc}", upstream=NAME, op="fetch", retriable=True) from exc
         return update, sv, digest
 
     async def digests(self, unit: str, bucket: int, buckets: int) -> dict[str, str]:
@@ -222,7 +220,7 @@ class CityAdapter:
         )
         try:
             answer = json.loads(raw)
-            items = [FeedItem(code=str(i["code"]), seq=int(i["seq"])) for i in answer["items"]]
+            items = [FeedItem(str(i["code"]), int(i["seq"]), feed_digest(i)) for i in answer["items"]]
             return FeedPage(items=items, next=int(answer["next"]))
         except (ValueError, TypeError, KeyError) as exc:
             raise UpstreamError(f"malformed feed: {exc}", upstream=NAME, op=op, retriable=True) from exc
@@ -249,7 +247,11 @@ class CityAdapter:
         for _ in range(2):
             token = await self._access_token(op, refused=refused)
             status, body, retry_after = await self._send(
-                method, path, op=op, params=params, data=data,
+                method,
+                path,
+                op=op,
+                params=params,
+                data=data,
                 headers={**(headers or {}), "Authorization": f"Bearer {token}"},
             )
             if status < 300:
@@ -280,9 +282,7 @@ class CityAdapter:
         except TimeoutError as exc:
             raise UpstreamError(f"{op}: {method} {path} timed out", upstream=NAME, op=op, retriable=True) from exc
         except aiohttp.ClientError as exc:
-            raise UpstreamError(
-                f"{op}: {method} {path} failed: {exc!r}", upstream=NAME, op=op, retriable=True
-            ) from exc
+            raise UpstreamError(f"{op}: {method} {path} failed: {exc!r}", upstream=NAME, op=op, retriable=True) from exc
 
     async def _access_token(self, op: str, *, refused: str | None = None) -> str:
         """A live token: the cached one unless it is due for refresh or was just ``refused``."""

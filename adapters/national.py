@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import aiohttp
 import structlog
 
-from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError
+from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError, feed_digest
 from sync.record import bucket_of, digest, step_key_of
 
 log = structlog.get_logger()
@@ -496,7 +496,7 @@ class NationalAdapter:
             "GET", "/feed", "feed", params={"unit": unit, "since": str(since), "limit": str(limit)}
         )
         try:
-            items = [FeedItem(str(i["code"]), int(i["seq"])) for i in answer["items"]]
+            items = [FeedItem(str(i["code"]), int(i["seq"]), feed_digest(i)) for i in answer["items"]]
             return FeedPage(items=items, next=int(answer["next"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError("feed: malformed answer", upstream=UPSTREAM, op="feed", retriable=True) from exc

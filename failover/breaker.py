@@ -115,6 +115,11 @@ class Breaker:
             return True
         return False
 
+    def release(self) -> None:
+        """Give back a trial that ended without a verdict (an answer that says nothing about health)."""
+        if self._state is BreakerState.HALF_OPEN and self._trials > 0:
+            self._trials -= 1
+
     def record_success(self) -> None:
         self._consecutive = 0
         self._note(ok=True)

@@ -13,6 +13,7 @@ import random
 import time
 
 from adapters.base import UpstreamError
+from failover.breaker import BreakerState
 from failover.windows import GuardedUpstream
 
 
@@ -55,17 +56,29 @@ class Prober:
         results = await asyncio.gather(*(self.probe(t) for t in self.targets))
         return {t.name: ok for t, ok in zip(self.targets, results, strict=True)}
 
+    def due(self, target: GuardedUpstream, since: float) -> bool:
+        """Whether ``target`` needs a probe now, its previous slot having started at ``since`` (wall clock).
+
+        Not while its breaker is open: no call goes out then, and the breaker turns half-open by itself
+        when its open time is up, after which the probe is one of its trial calls. Not when another call
+        succeeded since the previous slot either: that already says the target is well, and 168 nodes must
+        not add a steady probe load to an upstream they are talking to anyway.
+        """
+        if target.breaker.state is BreakerState.OPEN:
+            return False
+        return target.last_ok is None or target.last_ok < since
+
     async def _run_target(self, target: GuardedUpstream) -> None:
         # Each target on its own schedule: a blackholed one must not delay probes of the other.
+        since = 0.0
         while not self._stop.is_set():
-            # A call that succeeded within the interval already says the target is well: 168 nodes must not
-            # add a steady probe load to an upstream they are talking to anyway.
-            recent = target.last_ok is not None and time.time() - target.last_ok < self.interval_s
-            if not recent:
+            if self.due(target, since):
                 await self.probe(target)
+            since = time.time()
             delay = self.interval_s * self._rng.uniform(0.5, 1.5)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
 
     async def run(self) -> None:
         with contextlib.suppress(asyncio.CancelledError):

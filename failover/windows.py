@@ -1,5 +1,10 @@
 """Local fault windows and the guarded path to each upstream.
 
+While a target's breaker is open, a call fails at once without going out (:class:`CircuitOpen`), and
+while it is half-open only its few trial calls go out: a node does not keep sending pushes, pulls and
+anti-entropy look-ups to an upstream it already knows is down (168 nodes would otherwise hammer a
+recovering portal), and the breaker, not the callers' timeouts, decides when to try again.
+
 A fault window (``POST /api/v1/admin/faults``) makes calls to one target fail the way an outage would,
 inside this node only, so the DX Centre can drill a live fleet without touching the real upstreams. It
 closes by itself when its time is up.
@@ -97,6 +102,10 @@ class FaultWindows:
                 )
 
 
+class CircuitOpen(UpstreamError):
+    """A call refused here because the target's breaker is open (or half-open with its trials out)."""
+
+
 class GuardedUpstream:
     """An upstream seen through its fault windows, reporting every outcome to its breaker."""
 
@@ -108,8 +117,17 @@ class GuardedUpstream:
         self.timeout_s = timeout_s
         self.last_error: str | None = None
         self.last_ok: float | None = None
+        self.refused = 0  # calls refused while the breaker was open
 
     async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
+        if not self.breaker.allow():
+            self.refused += 1
+            raise CircuitOpen(
+                f"{op}: {self.name} breaker is {self.breaker.state.value} ({self.breaker.last_reason})",
+                upstream=self.name,
+                op=op,
+                retriable=True,
+            )
         try:
             await self.windows.apply(self.name, op, self.timeout_s)
             result = await fn()
@@ -117,6 +135,12 @@ class GuardedUpstream:
             self.last_error = str(exc) if str(exc).startswith(op) else f"{op}: {exc}"
             if exc.hard:
                 self.breaker.record_failure(str(exc))
+            else:
+                self.breaker.release()
+            raise
+        except BaseException:
+            # Cancelled or failed in a way that says nothing about the target: a trial it held is free again.
+            self.breaker.release()
             raise
         self.breaker.record_success()
         self.last_ok = time.time()

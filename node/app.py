@@ -209,6 +209,7 @@ class Node:
                     clock=self.clock,
                     wake=self.loops["national"].wake,
                 )
+                self.legacy_check.on_release = self.replicators["national"].poke
                 self.loops["legacy"] = Loop(
                     "legacy",
                     self.legacy_check.run_once,
@@ -316,14 +317,26 @@ class Node:
             log.info("seed_counters", days=seeded)
 
     def _pull_step(self, name: str) -> Any:
+        rc = self.config.replication
+        empty = 0  # pages in a row that brought nothing
+
         async def step() -> bool:
-            # The active source every tick; the standby slowly, so a switch never starts from a cold cursor.
+            # The active source every tick, slower while its feed stays empty; the standby slowly, so a switch
+            # never starts from a cold cursor.
+            nonlocal empty
             active = self.controller.active if self.controller is not None else name
             now = time.monotonic()
-            if name != active and now - self._last_pull.get(name, 0.0) < self.config.replication.standby_pull_s:
+            if name != active:
+                every = rc.standby_pull_s
+            else:
+                every = min(rc.pull_idle_max_s, rc.pull_tick_s * 2 ** min(empty, 16)) if empty else 0.0
+            if now - self._last_pull.get(name, 0.0) < every:
                 return False
             self._last_pull[name] = now
-            return await self.pullers[name].run_once()
+            puller = self.pullers[name]
+            more = await puller.run_once()
+            empty = 0 if puller.last_page else empty + 1
+            return more
 
         return step
 

@@ -102,6 +102,9 @@ class ReplicationSection:
     # Pull the active source's feed this often; the standby's, so a switch never starts cold, this often.
     pull_tick_s: float = 1.0
     standby_pull_s: float = 30.0
+    # An active feed that keeps coming back empty is asked less and less often, doubling from pull_tick_s
+    # up to this; the first page with anything in it goes back to pull_tick_s.
+    pull_idle_max_s: float = 5.0
     # Journal entries acknowledged by every target are pruned after this many hours.
     journal_retention_h: float = 168.0
     # How often the journal is pruned, in seconds.
@@ -374,6 +377,10 @@ def validate(config: Config) -> list[str]:
         problems.append("[replication] max_attempts: must be at least 1")
     if rep.antientropy_tick_s <= 0:
         problems.append("[replication] antientropy_tick_s: must be positive")
+    if rep.pull_tick_s <= 0:
+        problems.append("[replication] pull_tick_s: must be positive")
+    if rep.pull_idle_max_s < rep.pull_tick_s:
+        problems.append("[replication] pull_idle_max_s: must be at least pull_tick_s")
     if rep.prune_tick_s <= 0:
         problems.append("[replication] prune_tick_s: must be positive")
     if not 1 <= rep.antientropy_buckets <= 4096:

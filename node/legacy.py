@@ -30,6 +30,7 @@ import io
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +65,7 @@ CHECK_WRITER = "national:legacy-check"
 HELD = "held"
 HELD_NOTE = "legacy import: to be looked up on the portal before any push"
 CHUNK = 256
+NONE_HELD_RECHECK_S = 60.0
 
 # Fields of the export that are not intake fields: the code, the receipt time, the old units, the history.
 CODE_FIELD, RECEIVED_FIELD = "MaHoSo", "NgayTiepNhan"
@@ -562,10 +564,13 @@ class LegacyCheck:
         self.client_id = client_id
         self.clock = clock or Clock()
         self.wake = wake
+        # Told when held dossiers were released to the push queue (the portal's replicator looks again).
+        self.on_release: Callable[[], None] | None = None
         self.batch = batch
         self.released = 0
         self.merged = 0
         self.collisions = 0
+        self._none_until = 0.0
 
     async def held(self) -> int:
         row = await self.store.fetchone(
@@ -579,9 +584,14 @@ class LegacyCheck:
         A lookup that fails (an :class:`adapters.base.UpstreamError`) leaves the whole batch held: the
         loop backs off and asks again.
         """
+        # Holds are made only by an import, which needs the node stopped (it holds the data directory's lock):
+        # once none is left, there is nothing to look for until the next start, bar a slow safety re-check.
+        if time.monotonic() < self._none_until:
+            return False
         if not await self.store.fetchone(
             "SELECT 1 FROM replication WHERE target = ? AND state = ? LIMIT 1", (TARGET, HELD)
         ):
+            self._none_until = time.monotonic() + NONE_HELD_RECHECK_S
             return False
         batch = self.batch
 
@@ -606,6 +616,8 @@ class LegacyCheck:
             local = json.loads(self.store.sealer.record(code, record))
             remote = dict(fetched.record) if fetched is not None and fetched.record is not None else None
             await self._check(code, self.store.sealer.state(code, state), local, remote)
+        if self.on_release is not None:
+            self.on_release()
         if self.wake is not None:
             self.wake.set()
         return len(rows) >= self.batch

@@ -287,6 +287,10 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
 
     # A big fleet polls its upstreams less often: 168 nodes x 2 feeds is already hundreds of calls a second.
     poll_floor = 0.5 if nodes > 40 else 0.25
+    # Anti-entropy costs a look-up per dossier on the portal whatever the compression: it is the slow safety
+    # net, not scaled down with the day. A floor growing with the fleet keeps the fleet's whole look-up rate
+    # about what a dozen nodes make, so it does not crowd out the day's own traffic.
+    antientropy_floor = max(2.0, nodes / 8)
     return {
         "failover": {
             "probe_interval_s": s(1.0, poll_floor),
@@ -301,7 +305,8 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
             "tick_s": s(1.0, poll_floor),
             "pull_tick_s": s(1.0, poll_floor),
             "standby_pull_s": s(30.0, 2.0),
-            "antientropy_tick_s": s(60.0, 2.0),
+            "pull_idle_max_s": s(5.0, 2.0),
+            "antientropy_tick_s": s(60.0, antientropy_floor),
             "retry_base_s": s(0.5, 0.05),
             "retry_cap_s": s(30.0, 1.0),
             "max_attempts": 1000,

@@ -8,8 +8,10 @@ The wire protocol follows what open-source clients of the portal show (see DOMAI
 - ``POST /integration`` ``{session, madonvi, service, ...}``; an unknown or expired session answers
   ``"-2"``. Services: ``DongBoHoSoMC`` (records, ``isUpdating`` "True"/"False", 1..100 per call),
   ``CapNhatTienDoHoSoMC`` (processing steps, 1..10 per call), ``TraCuuHoSo`` (one record with its steps).
-- ``GET /feed?unit=CODE&since=SEQ&limit=N`` → ``{"items": [{"code", "seq"}], "next": SEQ}``. The feed
-  needs no session: it carries only codes and sequence numbers, and reading a dossier still takes one.
+- ``GET /feed?unit=CODE&since=SEQ&limit=N`` → ``{"items": [{"code", "seq", "digest"}], "next": SEQ}``.
+  The feed needs no session: it carries only codes, sequence numbers and the digest of each record as
+  stored (:func:`sync.record.digest`, so a node can tell the echo of its own push without a look-up),
+  and reading a dossier still takes one.
 - ``/__faults`` (see :mod:`simulations.faults`), ``GET /__inspect/dossiers?unit=CODE`` and
   ``GET /__inspect/stats`` for drills and tests; ``POST /__credentials`` ``{username?, password?}``
   rotates the login and ends every open session, as a password change on the portal does.
@@ -365,13 +367,27 @@ class PortalDb:
     def lookup(self, code: str) -> dict[str, Any] | None:
         return self._full_record(code)
 
-    def feed(self, unit: str, since: int, limit: int) -> list[tuple[str, int]]:
+    def feed(self, unit: str, since: int, limit: int) -> list[tuple[str, int, str]]:
+        """(code, seq, digest) of the unit's dossiers changed after ``since``; digests computed once, here."""
         rows = self.conn.execute(
-            "SELECT code, seq FROM dossiers WHERE (received_unit = ?1 OR competent_unit = ?1) AND seq > ?2"
+            "SELECT code, seq, digest FROM dossiers WHERE (received_unit = ?1 OR competent_unit = ?1) AND seq > ?2"
             " ORDER BY seq LIMIT ?3",
             (unit, since, limit),
         ).fetchall()
-        return [(str(code), int(seq)) for code, seq in rows]
+        out, computed = [], []
+        for code, seq, d in rows:
+            if not d:
+                full = self._full_record(code)
+                d = digest(full) if full is not None else ""
+                computed.append((d, code))
+            out.append((str(code), int(seq), str(d)))
+        if computed:
+            self._write(
+                lambda _: self.conn.executemany(
+                    "UPDATE dossiers SET digest = ? WHERE code = ? AND digest = ''", computed
+                )
+            )
+        return out
 
     def inspect(self, unit: str | None) -> list[dict[str, Any]]:
         sql = "SELECT code, digest, status, updated_at FROM dossiers"
@@ -627,7 +643,7 @@ class NationalPortal:
         rows = await self._run(self.db.feed, unit, since, limit)
         self.stats.request("feed:ok")
         return web.json_response(
-            {"items": [{"code": c, "seq": s} for c, s in rows], "next": rows[-1][1] if rows else since}
+            {"items": [{"code": c, "seq": s, "digest": d} for c, s, d in rows], "next": rows[-1][1] if rows else since}
         )
 
     async def inspect_dossiers(self, request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ from typing import Any
 import structlog
 
 from adapters.base import Upstream
+from failover.breaker import BreakerState
 from node.clock import Clock, iso
 from node.store import Store
 from sync.puller import Puller
@@ -87,7 +88,14 @@ class AntiEntropy:
         self.last_run_at: str | None = None
 
     async def run_once(self) -> bool:
-        """Check and repair the next bucket; always False, so the loop waits a tick before the next one."""
+        """Check and repair the next bucket; always False, so the loop waits a tick before the next one.
+
+        Not while the target's breaker is open or trying it again: the comparison would be refused or would
+        take one of the breaker's few trial calls, and the bucket waits for the next tick instead.
+        """
+        breaker = getattr(self.upstream, "breaker", None)
+        if breaker is not None and breaker.state is not BreakerState.CLOSED:
+            return False
         await self.check_bucket(self.next_bucket)
         return False
 

@@ -53,8 +53,10 @@ class Loop:
         self.wake.set()
 
     async def _sleep(self, seconds: float) -> None:
+        # asyncio.timeout, not wait_for: no task per sleep (a fleet of nodes sleeps thousands of times a second).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), timeout=seconds)
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
 
     async def run(self) -> None:
         while not self._stop.is_set():
@@ -80,7 +82,8 @@ class Loop:
                 # Errors back off on the timer only: a notification must not turn a failing upstream
                 # into a busy loop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=delay)
+                    async with asyncio.timeout(delay):
+                        await self._stop.wait()
                 continue
             if self.errors:
                 log.info("loop_recovered", loop=self.name, after_errors=self.errors)

@@ -3,8 +3,13 @@
 From the city system it fetches, per changed dossier, the diff against the node's own state vector (so
 echoes of its own pushes are empty). From the portal it fetches the record and merges it by a three-way
 diff against the last record acknowledged by or pulled from the portal (:mod:`sync.merge`). The feed
-cursor is committed in the same transaction as the last merge of a page, so a crash re-reads at most a
-page, and merging twice changes nothing.
+cursor is committed after the merges of a page, so a crash re-reads at most a page, and merging twice
+changes nothing.
+
+A feed item that gives the digest of the record as the upstream holds it is fetched only when the node
+holds another digest: most of a busy unit's feed is the echo of its own pushes, and fetching each of them
+back would cost the upstream a read and the node a merge per change for nothing. A page of nothing but
+echoes moves the cursor in memory, stored at most every few seconds.
 
 A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. Given a
 ``doc_source`` (the city system), the portal's puller takes that Doc first and merges the portal's record
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pycrdt
@@ -41,6 +47,9 @@ from sync.record import materialise
 from sync.yupdate import Refused, decode_update
 
 log = structlog.get_logger()
+
+# A cursor moved only past echoes is stored at most this often (see Puller._advance).
+CURSOR_FLUSH_S = 5.0
 
 
 class Puller:
@@ -69,28 +78,68 @@ class Puller:
         self.page_size = page_size
         self._sem = asyncio.Semaphore(concurrency)
         self.pulled = 0
+        self.echoes = 0  # feed items skipped: the node already held the digest the upstream gave
+        self.last_page = 0  # items on the last feed page read
+        self._stored: int | None = None  # the cursor as stored (read once, then kept up to date here)
+        self._stored_at = 0.0
+        self._unstored = 0  # past pages of echoes only, not stored yet
         self.merged = 0
         self.refused = 0
         # Codes left out for a stepless portal record, each logged once; a code leaves when it comes in.
         self.incomplete: set[str] = set()
 
     async def cursor(self) -> int:
-        row = await self.store.fetchone("SELECT seq FROM pull_cursors WHERE target = ?", (self.target,))
-        return int(row[0]) if row else 0
+        """Where the next page starts: the stored cursor, or past a page of echoes not stored yet."""
+        if self._stored is None:
+            row = await self.store.fetchone("SELECT seq FROM pull_cursors WHERE target = ?", (self.target,))
+            self._stored = int(row[0]) if row else 0
+        return max(self._stored, self._unstored)
+
+    def reload_cursor(self) -> None:
+        """Read the cursor from the store again at the next step (it was changed there, not through here)."""
+        self._stored, self._unstored = None, 0
 
     async def run_once(self) -> bool:
         """Pull one page of the feed; True when more is waiting."""
         since = await self.cursor()
         page = await self.upstream.feed(self.unit, since, self.page_size)
-        codes = list(dict.fromkeys(item.code for item in page.items))
+        self.last_page = len(page.items)
+        latest: dict[str, str | None] = {}
+        for entry in page.items:
+            latest.pop(entry.code, None)
+            latest[entry.code] = entry.digest
+        codes = await self._changed(latest)
+        self.echoes += len(latest) - len(codes)
         fetched = await asyncio.gather(*(self._fetch(code) for code in codes))
         for code, item in zip(codes, fetched, strict=True):
             if item is not None:
                 await self._merge(code, item)
         if page.next > since:
-            await self.service.merge(Merge("", b"", self.target, cursor=(self.target, page.next)))
+            await self._advance(page.next, merged=bool(codes))
         self.pulled += len(codes)
         return len(page.items) >= self.page_size
+
+    async def _changed(self, latest: dict[str, str | None]) -> list[str]:
+        """The codes of a page worth fetching: all but those whose feed digest this node already holds."""
+        given = [code for code, d in latest.items() if d is not None]
+        held: dict[str, str] = {}
+        if given:
+            marks = ",".join("?" for _ in given)
+            held = dict(await self.store.fetchall(f"SELECT code, digest FROM dossiers WHERE code IN ({marks})", given))
+        return [code for code, d in latest.items() if d is None or held.get(code) != d]
+
+    async def _advance(self, seq: int, *, merged: bool) -> None:
+        """Move the cursor past a page. A page that brought nothing in (only echoes of this node's own pushes)
+        moves it in memory and on disk at most every ``CURSOR_FLUSH_S``: a restart reads such a page again,
+        which costs one feed call and changes nothing."""
+        now = time.monotonic()
+        if not merged and now - self._stored_at < CURSOR_FLUSH_S:
+            self._unstored = max(self._unstored, seq)
+            return
+        await self.service.merge(Merge("", b"", self.target, cursor=(self.target, seq)))
+        self._stored_at = now
+        if self._stored is not None:  # else read from the store next time: it may have been moved there
+            self._stored = max(self._stored, seq)
 
     async def pull_codes(self, codes: list[str]) -> list[str]:
         """Fetch and merge these dossiers now, outside the feed; the codes whose merge changed the node.

@@ -35,6 +35,7 @@ from sync.merge import PORTAL_BASE_UPSERT
 log = structlog.get_logger()
 
 _SQL_CHUNK = 500
+QUIET_RECHECK_S = 30.0
 
 
 def _retriable(exc: BaseException) -> bool:
@@ -89,24 +90,43 @@ class Replicator:
         # called once per push call with (target, outcome counts by record, seconds, the call failed).
         self.journal_head: Callable[[], int] | None = None
         self.on_batch: Callable[[str, dict[str, int], float, bool], None] | None = None
+        # The cursor as last read or written: this replicator is its only writer while the node runs.
+        self._cursor: int | None = None
+        # While the journal has nothing past the cursor, no pending row is due before this (ms since the
+        # epoch): a step then reads nothing. Reset by :meth:`poke` whenever rows are queued from outside.
+        self._quiet_until_ms = 0
 
     async def cursor(self) -> int:
-        row = await self.store.fetchone("SELECT seq FROM cursors WHERE target = ?", (self.target,))
-        return int(row[0]) if row else 0
+        if self._cursor is None:
+            row = await self.store.fetchone("SELECT seq FROM cursors WHERE target = ?", (self.target,))
+            self._cursor = int(row[0]) if row else 0
+        return self._cursor
+
+    def poke(self) -> None:
+        """Rows were queued for this target outside the journal (a retry, a requeue, a released hold)."""
+        self._quiet_until_ms = 0
 
     async def run_once(self) -> bool:
         """Push one window; True when more work is waiting."""
         cursor = await self.cursor()
+        now_ms = int(time.time() * 1000)
+        if self.journal_head is not None and self.journal_head() <= cursor and now_ms < self._quiet_until_ms:
+            return False  # an idle tick: nothing new in the journal and no retry due
         entries = await self.store.fetchall(
             "SELECT seq, code, at FROM journal WHERE seq > ? ORDER BY seq LIMIT ?", (cursor, self.settings.window)
         )
-        now_ms = int(time.time() * 1000)
         retry_rows = await self.store.fetchall(
             "SELECT code FROM replication WHERE target = ? AND state = 'pending' AND next_at <= ? LIMIT ?",
             (self.target, now_ms, self.settings.batch_size),
         )
         codes = list(dict.fromkeys([e[1] for e in entries] + [r[0] for r in retry_rows]))
         if not codes:
+            row = await self.store.fetchone(
+                "SELECT min(next_at) FROM replication WHERE target = ? AND state = 'pending'", (self.target,)
+            )
+            # Looked at again at least every QUIET_RECHECK_S whatever happens, as a safety net.
+            due = now_ms + int(QUIET_RECHECK_S * 1000)
+            self._quiet_until_ms = min(due, int(row[0])) if row is not None and row[0] is not None else due
             return False
         head = int(entries[-1][0]) if entries else cursor
         todo = await self._outgoing(codes)
@@ -292,6 +312,9 @@ class Replicator:
             )
 
         await self.store.write(write)
+        self._cursor = max(self._cursor or 0, head)
+        if any(r.outcome is Outcome.RETRY for r in results):
+            self.poke()
         if any(r.outcome is Outcome.ACKED for r in results):
             self.last_ok_at = at
         self.pushed += sum(1 for r in results if r.outcome is Outcome.ACKED)
@@ -319,7 +342,9 @@ class Replicator:
             )
             return cur.rowcount > 0
 
-        return await self.store.write(write)
+        done = bool(await self.store.write(write))
+        self.poke()
+        return done
 
     async def requeue(self, codes: Sequence[str], *, reason: str = "anti-entropy: the upstream differs") -> int:
         """Push these dossiers again from scratch, whatever their rows say; the number queued.
@@ -349,16 +374,21 @@ class Replicator:
                 ).rowcount
             return queued
 
-        return await self.store.write(write) if unique else 0
+        queued = int(await self.store.write(write)) if unique else 0
+        self.poke()
+        return queued
 
     async def lag(self, journal_head: int) -> dict[str, Any]:
         cursor = await self.cursor()
-        row = await self.store.fetchone(
-            "SELECT count(*) FILTER (WHERE state = 'pending'), count(*) FILTER (WHERE state = 'dead'),"
-            " count(*) FILTER (WHERE state = 'parked'), count(*) FILTER (WHERE state = 'held')"
-            " FROM replication WHERE target = ?",
-            (self.target,),
+        # By state through the (target, state) index: the synced rows, nearly all of them, are not read.
+        counts = dict(
+            await self.store.fetchall(
+                "SELECT state, count(*) FROM replication WHERE target = ?"
+                " AND state IN ('pending', 'dead', 'parked', 'held') GROUP BY state",
+                (self.target,),
+            )
         )
+        row = tuple(counts.get(k, 0) for k in ("pending", "dead", "parked", "held"))
         oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
         lag_s = 0.0
         if oldest and oldest[0]:

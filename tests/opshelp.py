@@ -22,6 +22,7 @@ retry_base_s = 0.05
 retry_cap_s = 0.5
 pull_tick_s = 0.2
 standby_pull_s = 0.5
+pull_idle_max_s = 0.8
 """
 
 

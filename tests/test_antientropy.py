@@ -70,6 +70,7 @@ async def skip_feed(node: Node, target: str) -> None:
             (target, 10**12),
         )
     )
+    node.pullers[target].reload_cursor()
     await asyncio.sleep(0.6)  # a pull step that read the old cursor has finished by now
 
 

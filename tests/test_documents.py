@@ -510,7 +510,10 @@ class _Served:
             national_url=ups.national_url,
             city_url=ups.city_url,
         )
-        fast = "tick_s = 0.2\nretry_base_s = 0.05\nretry_cap_s = 0.5\npull_tick_s = 0.2\nstandby_pull_s = 0.5\n"
+        fast = (
+            "tick_s = 0.2\nretry_base_s = 0.05\nretry_cap_s = 0.5\npull_tick_s = 0.2\nstandby_pull_s = 0.5\n"
+            "pull_idle_max_s = 0.8\n"
+        )
         text = text.replace("[replication]\n", "[replication]\n" + fast, 1)
         text = text.replace("timeout_s = 10.0", "timeout_s = 2.0")
         text = text.replace("shutdown_timeout_s = 30.0\n", "shutdown_timeout_s = 2.0\n" + node_extra, 1)

@@ -81,5 +81,5 @@ def target_overrides(ups: Upstreams, *, timeout_s: float = 2.0) -> dict[str, dic
             "timeout_s": timeout_s,
         },
         "replication": {"tick_s": 0.2, "retry_base_s": 0.05, "retry_cap_s": 0.5, "max_attempts": 50,
-                        "pull_tick_s": 0.2, "standby_pull_s": 0.5},
+                        "pull_tick_s": 0.2, "standby_pull_s": 0.5, "pull_idle_max_s": 0.8},
     }
