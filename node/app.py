@@ -139,6 +139,7 @@ class Node:
                     tick_s=rc.tick_s,
                     backoff_base_s=rc.retry_base_s,
                     backoff_cap_s=rc.retry_cap_s,
+                    linger_s=rc.push_linger_s,
                 )
                 self.service.listeners.append(loop.wake)
                 self.replicators[upstream.name], self.loops[upstream.name] = rep, loop

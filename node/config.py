@@ -98,6 +98,8 @@ class ReplicationSection:
     batch_size: int = 500
     max_attempts: int = 8
     tick_s: float = 1.0
+    # A change wakes the push loops at once; they wait this long first, so a desk's burst goes out as one push.
+    push_linger_s: float = 0.05
     seed_timeout_s: float = 5.0
     # Pull the active source's feed this often; the standby's, so a switch never starts cold, this often.
     pull_tick_s: float = 1.0
@@ -377,6 +379,8 @@ def validate(config: Config) -> list[str]:
         problems.append("[replication] max_attempts: must be at least 1")
     if rep.antientropy_tick_s <= 0:
         problems.append("[replication] antientropy_tick_s: must be positive")
+    if not 0 <= rep.push_linger_s <= 5:
+        problems.append("[replication] push_linger_s: must be between 0 and 5")
     if rep.pull_tick_s <= 0:
         problems.append("[replication] pull_tick_s: must be positive")
     if rep.pull_idle_max_s < rep.pull_tick_s:

@@ -116,6 +116,9 @@ class Merge:
     cursor: tuple[str, int] | None = None
     base: dict[str, Any] | None = None  # the portal record this merge was computed against, kept as base
     idem: IdemKey | None = None
+    # False for what the node pulls again by itself if a power cut loses it (an upstream's change with the
+    # feed cursor behind it): its commit need not wait for an fsync (see Store.write).
+    durable: bool = True
 
 
 @dataclass
@@ -301,8 +304,9 @@ class DossierService:
             except ApiError as exc:
                 results[i] = exc
         if batch.journal or batch.idem or batch.cursors or batch.bases:
+            durable = any(not isinstance(op, Merge) or op.durable for op in ops)
             try:
-                await self._commit(batch, day)
+                await self._commit(batch, day, durable=durable)
             except BaseException:
                 # Nothing of this batch is in the store: forget what memory learned from it.
                 self._counters, self._journal_head = saved[0], saved[1]
@@ -703,11 +707,11 @@ class DossierService:
         self._journal_head += 1
         return self._journal_head
 
-    async def _commit(self, batch: _Batch, day: str) -> None:
+    async def _commit(self, batch: _Batch, day: str, *, durable: bool = True) -> None:
         key = (self.agency, day)
         counter = (*key, self._counters[key]) if batch.minted else None
         hlc = self.hlc.last.encode()
-        await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc, self.store.sealer))
+        await self.store.write(lambda conn: _write_batch(conn, batch, counter, hlc, self.store.sealer), durable=durable)
 
 
 def _write_batch(

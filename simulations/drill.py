@@ -303,6 +303,8 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
         },
         "replication": {
             "tick_s": s(1.0, poll_floor),
+            # A busy fleet's nodes each see a few changes a second: waiting a little lets them share a push.
+            "push_linger_s": 0.25 if nodes > 40 else 0.05,
             "pull_tick_s": s(1.0, poll_floor),
             "standby_pull_s": s(30.0, 2.0),
             "pull_idle_max_s": s(5.0, 2.0),

@@ -37,8 +37,11 @@ class Loop:
         tick_s: float = 1.0,
         backoff_base_s: float = 0.2,
         backoff_cap_s: float = 30.0,
+        linger_s: float = 0.0,
     ) -> None:
         self.name = name
+        # After a notification, wait this long before the step, so that a burst of changes goes out as one.
+        self.linger_s = linger_s
         self._step = step
         self.wake = wake or asyncio.Event()
         self.tick_s = tick_s
@@ -57,6 +60,8 @@ class Loop:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self.wake.wait()
+                if self.linger_s > 0 and not self._stop.is_set():
+                    await asyncio.sleep(self.linger_s)
 
     async def run(self) -> None:
         while not self._stop.is_set():

@@ -136,7 +136,7 @@ class Puller:
         if not merged and now - self._stored_at < CURSOR_FLUSH_S:
             self._unstored = max(self._unstored, seq)
             return
-        await self.service.merge(Merge("", b"", self.target, cursor=(self.target, seq)))
+        await self.service.merge(Merge("", b"", self.target, cursor=(self.target, seq), durable=False))
         self._stored_at = now
         if self._stored is not None:  # else read from the store next time: it may have been moved there
             self._stored = max(self._stored, seq)
@@ -167,7 +167,7 @@ class Puller:
 
     async def _merge(self, code: str, fetched: Fetched) -> None:
         if fetched.update is not None:
-            op = Merge(code, fetched.update, self.target)
+            op = Merge(code, fetched.update, self.target, durable=False)
         elif fetched.record is not None:
             portal_op = await self._portal_merge(code, fetched.record)
             if portal_op is None:
@@ -209,7 +209,7 @@ class Puller:
         update = portal_update(code, state, local, base, remote, client_id=self.portal_client_id, hlc=self.service.hlc)
         if existing is not None:
             update = pycrdt.merge_updates(existing[0], update) if update else existing[0]
-        return Merge(code, update or b"", self.target, base=dict(remote))
+        return Merge(code, update or b"", self.target, base=dict(remote), durable=False)
 
     async def _existing_doc(self, code: str) -> tuple[bytes, dict[str, Any]] | None:
         """The city system's Doc of a dossier this node has not held yet, and its record; None when the city

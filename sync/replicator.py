@@ -187,7 +187,7 @@ class Replicator:
                 [(at, target, code, digest) for code, digest in settled],
             )
 
-        await self.store.write(write)
+        await self.store.write(write, durable=False)
 
     async def _push(self, chunk: list[Outgoing], *, lag_records: int = 0, lag_s: float = 0.0) -> list[PushResult]:
         """One push call (retried); logs the one canonical line of the batch, whatever its outcome."""
@@ -311,7 +311,8 @@ class Replicator:
                 (target, head),
             )
 
-        await self.store.write(write)
+        # An acknowledgement lost to a power cut costs one push again, which the upstream takes as a resend.
+        await self.store.write(write, durable=False)
         self._cursor = max(self._cursor or 0, head)
         if any(r.outcome is Outcome.RETRY for r in results):
             self.poke()
