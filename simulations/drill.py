@@ -285,8 +285,9 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
     def s(default: float, floor: float) -> float:
         return round(max(floor, default / factor), 3)
 
-    # A big fleet polls its upstreams less often: 168 nodes x 2 feeds is already hundreds of calls a second.
-    poll_floor = 0.5 if nodes > 40 else 0.25
+    # A big fleet polls and probes its upstreams no faster than a production node does (every second): 168
+    # nodes x 2 targets is already hundreds of calls a second, which the fleet's two cores must also serve.
+    poll_floor = 1.0 if nodes > 40 else 0.25
     # Anti-entropy costs a look-up per dossier on the portal whatever the compression: it is the slow safety
     # net, not scaled down with the day. A floor growing with the fleet keeps the fleet's whole look-up rate
     # about what a dozen nodes make, so it does not crowd out the day's own traffic.
@@ -296,7 +297,7 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
             "probe_interval_s": s(1.0, poll_floor),
             "probe_timeout_s": s(2.0, 1.0),
             "hold_s": s(60.0, 3.0),
-            "evaluate_s": s(0.25, 0.1),
+            "evaluate_s": s(0.25, 0.25 if nodes > 40 else 0.1),
             "window_s": s(30.0, 3.0),
             "open_base_s": s(5.0, 0.5),
             "open_cap_s": s(300.0, 5.0),

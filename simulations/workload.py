@@ -15,7 +15,10 @@ exactly. Time is compressed: simulated seconds divided by ``factor`` are real se
 :class:`Driver` plays a plan against running nodes over HTTP, as the desks would: every write carries an
 ``Idempotency-Key`` and is retried with the same key after a connection failure or a 5xx, within a bounded
 number of attempts. What each node acknowledged (201 for a dossier, 200/201 for a step or fee) is
-recorded; that set is what the checker holds the fleet to.
+recorded; that set is what the checker holds the fleet to. An action that must wait for a dossier to reach
+its node through an upstream (a take-over or a step at the competent unit before the forwarded dossier
+arrived) goes back in the queue for later instead of holding one of the desks' connections while it waits,
+as an officer serves the next citizen meanwhile.
 """
 
 from __future__ import annotations
@@ -306,6 +309,7 @@ class Driver:
         self._online_seq = 0
         self.t0 = 0.0
         self.inflight = 0
+        self._later: dict[tuple[int, int], int] = {}  # (dossier, action) -> times put back to wait
 
     def sim_now(self) -> float:
         return (time.monotonic() - self.t0) * self.factor
@@ -354,6 +358,17 @@ class Driver:
             self.inflight -= 1
             sem.release()
         d = self.by_id[did]
+        if ok is None:  # not on its node yet: again later, without holding a desk meanwhile
+            n = self._later.get((did, idx), 0) + 1
+            if n < self.attempts:
+                self._later[(did, idx)] = n
+                delay = random.uniform(0.5, 1.0) * min(self.retry_cap_s, 0.05 * 2**n)
+                heapq.heappush(heap, (self.sim_now() + delay * self.factor, did, idx))
+                return
+            self._later.pop((did, idx), None)
+            self.acks.count(self.acks.gave_up, d.actions[idx].kind)
+            ok = False
+        self._later.pop((did, idx), None)
         self.done += 1
         if ok and idx + 1 < len(d.actions):
             nxt = d.actions[idx + 1]
@@ -361,7 +376,8 @@ class Driver:
         else:
             self.done += len(d.actions) - idx - 1
 
-    async def _do(self, http: aiohttp.ClientSession, d: DossierPlan, idx: int) -> bool:
+    async def _do(self, http: aiohttp.ClientSession, d: DossierPlan, idx: int) -> bool | None:
+        """Play one action: True when acknowledged, False when refused or given up, None to try again later."""
         a = d.actions[idx]
         key = f"{d.tag}.{idx}"
         if a.kind == "online":
@@ -388,13 +404,15 @@ class Driver:
             return status in (200, 201)
         if a.kind in ("forward", "take-over"):
             # The competent unit can take over only once the dossier reached its node (through an upstream).
-            again = (404, 409) if a.kind == "take-over" else ()
-            status, _ = await self._write(http, a.by, f"{path}/{a.kind}", {}, key, a.kind, again=again)
-            return status in (200, 201)
+            later = (404, 409) if a.kind == "take-over" else ()
+            status, _ = await self._write(http, a.by, f"{path}/{a.kind}", {}, key, a.kind, later=later)
+            return None if status in later else status in (200, 201)
         step = {"TrangThai": a.status, "NguoiXuLy": OFFICERS[(d.id + idx) % len(OFFICERS)], "NoiDungXuLy": a.note,
                 "PhongBanXuLy": "Bộ phận Một cửa"}
         # 404: a step at the competent unit before the dossier reached its node; it comes through an upstream.
-        status, _ = await self._write(http, a.by, path + "/steps", step, key, "step", again=(404,))
+        status, _ = await self._write(http, a.by, path + "/steps", step, key, "step", later=(404,))
+        if status == 404:
+            return None
         if status in (200, 201):
             self.acks.steps.setdefault(d.id, []).append((a.status, a.note))
             return True
@@ -409,9 +427,11 @@ class Driver:
         key: str,
         kind: str,
         *,
-        again: tuple[int, ...] = (),
+        later: tuple[int, ...] = (),
     ) -> tuple[int, Any]:
-        """POST with an Idempotency-Key, retried with the same key; (status, body), status 0 if never answered."""
+        """POST with an Idempotency-Key, retried with the same key; (status, body), status 0 if never answered.
+
+        A status in ``later`` is returned as it is, for the caller to put the action back in the queue."""
         delay = 0.05
         for _ in range(self.attempts):
             target = self.nodes(unit)
@@ -428,7 +448,9 @@ class Driver:
                         if status < 300:
                             self.acks.latencies_ms.append((time.monotonic() - t) * 1000)
                             return status, answer
-                if 400 <= status < 500 and status not in again:
+                if status in later:
+                    return status, None
+                if 400 <= status < 500:
                     self.acks.count(self.acks.refused, f"{kind}:{status}")
                     return status, None
             await asyncio.sleep(random.uniform(0, delay))
