@@ -9,8 +9,7 @@ dossier and speaks the protocol the city adapter uses:
   the batch are committed in one transaction. Answer: msgpack
   ``{"results": [[code, state_vector, digest, error], ...]}``, one per item, in order.
 - ``GET /api/v1/docs/{code}?sv=...``: the diff against a base64url state vector (or the full state).
-- ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence, each
-  ``{"code", "seq", "digest"}`` (the digest of the Doc's record, so a node skips the echo of its own push).
+- ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence.
 - ``GET /api/v1/digests?unit=&bucket=&buckets=``: ``{"digests": {code: digest}}`` of the unit's dossiers
   (received or competent) in one anti-entropy bucket (:func:`sync.record.bucket_of`).
 - ``/__faults`` (see :mod:`simulations.faults`) and ``/__inspect/dossiers``, ``/__inspect/stats``;
@@ -516,13 +515,13 @@ class CitySystem:
                 400, "invalid_request", f"unit must be a 5-digit code, since >= 0, limit 1..{MAX_FEED_LIMIT}"
             )
         async with self.reader.execute(
-            "SELECT code, seq, digest FROM dossiers WHERE receiving_unit = ? AND seq > ? "
-            "UNION SELECT code, seq, digest FROM dossiers WHERE competent_unit = ? AND seq > ? "
+            "SELECT code, seq FROM dossiers WHERE receiving_unit = ? AND seq > ? "
+            "UNION SELECT code, seq FROM dossiers WHERE competent_unit = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (unit, since, unit, since, limit),
         ) as cur:
             rows = await cur.fetchall()
-        items = [{"code": str(code), "seq": int(seq), "digest": str(d)} for code, seq, d in rows]
+        items = [{"code": str(code), "seq": int(seq)} for code, seq in rows]
         return web.json_response({"items": items, "next": items[-1]["seq"] if items else since})
 
     async def digests(self, request: web.Request) -> web.Response:

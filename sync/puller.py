@@ -6,10 +6,11 @@ diff against the last record acknowledged by or pulled from the portal (:mod:`sy
 cursor is committed after the merges of a page, so a crash re-reads at most a page, and merging twice
 changes nothing.
 
-A feed item that gives the digest of the record as the upstream holds it is fetched only when the node
-holds another digest: most of a busy unit's feed is the echo of its own pushes, and fetching each of them
-back would cost the upstream a read and the node a merge per change for nothing. A page of nothing but
-echoes moves the cursor in memory, stored at most every few seconds.
+A portal feed item that gives the digest of the record as the portal holds it is looked up only when
+the node holds another digest: most of a busy unit's feed is the echo of its own pushes, and looking each
+of them up would cost the portal a read and the node a three-way merge per change for nothing (the city
+system's items are always fetched: see :meth:`Puller._changed`). A page of nothing but echoes moves the
+cursor in memory, stored at most every few seconds.
 
 A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. Given a
 ``doc_source`` (the city system), the portal's puller takes that Doc first and merges the portal's record
@@ -120,7 +121,16 @@ class Puller:
         return len(page.items) >= self.page_size
 
     async def _changed(self, latest: dict[str, str | None]) -> list[str]:
-        """The codes of a page worth fetching: all but those whose feed digest this node already holds."""
+        """The codes of a page worth fetching: from the portal, all but those whose feed digest this node
+        already holds; from the city system, all of them.
+
+        The city's Doc is a CRDT: an equal record does not mean an equal history, and the operations this
+        node lacks decide how later concurrent writes resolve (a forwarding state taken back over a newer
+        one was seen when they were skipped). Its diff against the node's state vector is empty for a true
+        echo anyway. The portal holds only the record, so an equal digest there means nothing to merge.
+        """
+        if self.portal_client_id is None:
+            return list(latest)
         given = [code for code, d in latest.items() if d is not None]
         held: dict[str, str] = {}
         if given:
