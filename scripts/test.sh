@@ -3,7 +3,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
-if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c "import node, pytest_asyncio, hypothesis, mypy" 2>/dev/null; then
+if [ ! -x .venv/bin/pytest ] || ! .venv/bin/python -c "import node, pytest_asyncio, hypothesis, mypy, xdist" 2>/dev/null; then
     "$PY" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e ".[test]"
@@ -20,4 +20,5 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest "$@"
+# Two workers: most tests spend their time waiting on real servers and processes, not on the CPU.
+exec .venv/bin/python -m pytest -n 2 "$@"
