@@ -17,7 +17,8 @@ A dossier first seen on the portal already has a Doc somewhere: the one its rece
 into it, so the node does not start a second, independent copy of every field under its portal writer.
 The node does not pass one yet: with it, the boundary-free test with the city down (forward, take over,
 return while the city is unreachable) intermittently converged on a stale forwarding state, a cause not
-found yet. Without a ``doc_source`` the dossier is created from the portal's record, as before.
+found yet (see docs/merging.md for a likely lead). Without a ``doc_source`` the dossier is created from the
+portal's record, as before.
 
 Not from a record without any step, though (:func:`sync.merge.lacks_steps`: the receiving unit's push
 stored the record and its steps call failed): that Doc would have no status. Such a dossier is left out,
