@@ -22,6 +22,8 @@ Contract (checked by one shared test suite against each adapter and its stand-in
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,12 +89,27 @@ class FeedItem:
     # The digest of the record as the upstream holds it after this change, when its feed gives one: a
     # puller that already holds that digest has nothing to fetch (the echo of its own push).
     digest: str | None = None
+    # The state vector of the upstream's Doc after this change, when a CRDT-native feed gives one: a puller
+    # whose own state vector covers it holds every operation the upstream has (the diff would be empty).
+    state_vector: bytes | None = None
 
 
 def feed_digest(item: Mapping[str, Any]) -> str | None:
     """The optional ``digest`` of one item of a feed answer; None when absent or not a digest."""
     value = item.get("digest")
     return value if isinstance(value, str) and value else None
+
+
+def feed_state_vector(item: Mapping[str, Any]) -> bytes | None:
+    """The optional ``sv`` (base64url, padding optional) of one item of a feed answer; None when absent or
+    not valid base64url: the item is then fetched like one without it."""
+    value = item.get("sv")
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
+    except (ValueError, binascii.Error):
+        return None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ a lost answer or a lost city-side Doc only costs a resend of the right diff, nev
 Wire protocol (see ``simulations/city_system.py`` for the stand-in): OAuth client-credentials token;
 ``POST /api/v1/sync`` with msgpack ``[[code, update], ...]`` answered by
 ``{"results": [[code, state_vector, digest, error], ...]}``; ``GET /api/v1/docs/{code}?sv=``;
-``GET /feed``; ``GET /api/v1/digests?unit=&bucket=&buckets=`` for anti-entropy.
+``GET /feed`` (items ``{"code", "seq", "sv"?}``, ``sv`` the base64url state vector of the city's Doc, which
+lets the puller skip the echoes of its own pushes); ``GET /api/v1/digests?unit=&bucket=&buckets=`` for anti-entropy.
 """
 
 from __future__ import annotations
@@ -29,7 +30,17 @@ import msgpack  # type: ignore[import-untyped]  # msgpack ships no type informat
 import pycrdt
 import structlog
 
-from adapters.base import FeedItem, FeedPage, Fetched, Outcome, Outgoing, PushResult, UpstreamError, feed_digest
+from adapters.base import (
+    FeedItem,
+    FeedPage,
+    Fetched,
+    Outcome,
+    Outgoing,
+    PushResult,
+    UpstreamError,
+    feed_digest,
+    feed_state_vector,
+)
 from sync.statevector import EMPTY_STATE_VECTOR, covers, decode_state_vector
 
 log = structlog.get_logger()
@@ -220,7 +231,9 @@ class CityAdapter:
         )
         try:
             answer = json.loads(raw)
-            items = [FeedItem(str(i["code"]), int(i["seq"]), feed_digest(i)) for i in answer["items"]]
+            items = [
+                FeedItem(str(i["code"]), int(i["seq"]), feed_digest(i), feed_state_vector(i)) for i in answer["items"]
+            ]
             return FeedPage(items=items, next=int(answer["next"]))
         except (ValueError, TypeError, KeyError) as exc:
             raise UpstreamError(f"malformed feed: {exc}", upstream=NAME, op=op, retriable=True) from exc

@@ -9,7 +9,8 @@ dossier and speaks the protocol the city adapter uses:
   the batch are committed in one transaction. Answer: msgpack
   ``{"results": [[code, state_vector, digest, error], ...]}``, one per item, in order.
 - ``GET /api/v1/docs/{code}?sv=...``: the diff against a base64url state vector (or the full state).
-- ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence.
+- ``GET /feed?unit=&since=&limit=``: the unit's dossiers by the stand-in's own commit sequence, each item
+  ``{"code", "seq", "sv"}`` with the base64url state vector of the Doc as it stands.
 - ``GET /api/v1/digests?unit=&bucket=&buckets=``: ``{"digests": {code: digest}}`` of the unit's dossiers
   (received or competent) in one anti-entropy bucket (:func:`sync.record.bucket_of`).
 - ``/__faults`` (see :mod:`simulations.faults`) and ``/__inspect/dossiers``, ``/__inspect/stats``;
@@ -195,6 +196,10 @@ def _json_error(
     return web.json_response(body, status=status, headers=headers)
 
 
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 def _msgpack(body: Any) -> web.Response:
     return web.Response(body=msgpack.packb(body, use_bin_type=True), content_type="application/msgpack")
 
@@ -355,7 +360,9 @@ class CitySystem:
         entry = self._tokens.get(token.strip()) if scheme.lower() == "bearer" else None
         if entry is None or self.faults.clock() >= entry.expires_at or self.faults.session_expired(entry.issued_at):
             return _json_error(
-                401, "invalid_token", "the access token is unknown or expired",
+                401,
+                "invalid_token",
+                "the access token is unknown or expired",
                 headers={"WWW-Authenticate": 'Bearer realm="city", error="invalid_token"'},
             )
         return None
@@ -416,12 +423,22 @@ class CitySystem:
                 assert w.doc is not None  # changed implies a Doc was accepted
                 seq += 1
                 record = w.record
-                rows.append((
-                    # No legal step yet leaves the status unset; the city stores what arrived regardless.
-                    code, w.doc.get_update(), w.doc.get_state(), w.digest, record.get("TrangThaiHoSo"),
-                    record.get("MaDonViTiepNhan"), record.get("MaDonViXuLy"),
-                    len(record.get("QuaTrinhXuLy") or []), _step_duplicates(record), seq, now,
-                ))
+                rows.append(
+                    (
+                        # No legal step yet leaves the status unset; the city stores what arrived regardless.
+                        code,
+                        w.doc.get_update(),
+                        w.doc.get_state(),
+                        w.digest,
+                        record.get("TrangThaiHoSo"),
+                        record.get("MaDonViTiepNhan"),
+                        record.get("MaDonViXuLy"),
+                        len(record.get("QuaTrinhXuLy") or []),
+                        _step_duplicates(record),
+                        seq,
+                        now,
+                    )
+                )
             conn = self.writer
             await conn.execute("BEGIN IMMEDIATE")
             try:
@@ -446,7 +463,9 @@ class CitySystem:
         for code, state, stored_digest in rows:
             doc = _load(bytes(state))
             work[code] = _Work(
-                doc=doc, sv=decode_state_vector(doc.get_state()), digest=str(stored_digest),
+                doc=doc,
+                sv=decode_state_vector(doc.get_state()),
+                digest=str(stored_digest),
                 steps=frozenset(doc.get(STEPS, type=Map).keys()),
             )
         return work
@@ -515,13 +534,13 @@ class CitySystem:
                 400, "invalid_request", f"unit must be a 5-digit code, since >= 0, limit 1..{MAX_FEED_LIMIT}"
             )
         async with self.reader.execute(
-            "SELECT code, seq FROM dossiers WHERE receiving_unit = ? AND seq > ? "
-            "UNION SELECT code, seq FROM dossiers WHERE competent_unit = ? AND seq > ? "
+            "SELECT code, seq, state_vector FROM dossiers WHERE receiving_unit = ? AND seq > ? "
+            "UNION SELECT code, seq, state_vector FROM dossiers WHERE competent_unit = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (unit, since, unit, since, limit),
         ) as cur:
             rows = await cur.fetchall()
-        items = [{"code": str(code), "seq": int(seq)} for code, seq in rows]
+        items = [{"code": str(code), "seq": int(seq), "sv": _b64url(bytes(sv))} for code, seq, sv in rows]
         return web.json_response({"items": items, "next": items[-1]["seq"] if items else since})
 
     async def digests(self, request: web.Request) -> web.Response:
@@ -561,9 +580,7 @@ class CitySystem:
             params = (unit, unit)
         async with self.reader.execute(sql + " ORDER BY code", params) as cur:
             rows = await cur.fetchall()
-        return web.json_response(
-            [{"code": c, "digest": d, "status": s, "updated_at": u} for c, d, s, u in rows]
-        )
+        return web.json_response([{"code": c, "digest": d, "status": s, "updated_at": u} for c, d, s, u in rows])
 
     async def rotate_credentials(self, request: web.Request) -> web.Response:
         try:
@@ -586,8 +603,14 @@ class CitySystem:
         # Counted from what is stored, not from what arrived: "stored twice" is a property of the store.
         self.stats.duplicates = (dossiers - distinct) + step_dups
         return web.json_response(
-            {**self.stats.as_dict(), "dossiers": dossiers, "steps": steps, "tokens_issued": self.tokens_issued,
-             "update_bytes": self.update_bytes, "seq": self._seq}
+            {
+                **self.stats.as_dict(),
+                "dossiers": dossiers,
+                "steps": steps,
+                "tokens_issued": self.tokens_issued,
+                "update_bytes": self.update_bytes,
+                "seq": self._seq,
+            }
         )
 
 

@@ -6,10 +6,11 @@ diff against the last record acknowledged by or pulled from the portal (:mod:`sy
 cursor is committed after the merges of a page, so a crash re-reads at most a page, and merging twice
 changes nothing.
 
-A portal feed item that gives the digest of the record as the portal holds it is looked up only when
-the node holds another digest: most of a busy unit's feed is the echo of its own pushes, and looking each
-of them up would cost the portal a read and the node a three-way merge per change for nothing (the city
-system's items are always fetched: see :meth:`Puller._changed`). A page of nothing but echoes moves the
+Most of a busy unit's feed is the echo of its own pushes, and looking each of them up would cost the
+upstream a read and the node a merge per change for nothing. A portal feed item that gives the digest of
+the record as the portal holds it is looked up only when the node holds another digest; a city feed item
+that gives the state vector of the city's Doc only when the node's own does not cover it (see
+:meth:`Puller._changed` for why the city needs the stronger test). A page of nothing but echoes moves the
 cursor in memory, stored at most every few seconds.
 
 A dossier first seen on the portal already has a Doc somewhere: the one its receiving unit created. Given a
@@ -37,7 +38,7 @@ from typing import Any
 import pycrdt
 import structlog
 
-from adapters.base import Fetched, Upstream, UpstreamError
+from adapters.base import FeedItem, Fetched, Upstream, UpstreamError
 from failover.breaker import BreakerState
 from failover.windows import GuardedUpstream
 from node.errors import ApiError
@@ -46,6 +47,7 @@ from node.store import Store
 from sync import doc as ydoc
 from sync.merge import lacks_steps, portal_update
 from sync.record import materialise
+from sync.statevector import covers, decode_state_vector
 from sync.yupdate import Refused, decode_update
 
 log = structlog.get_logger()
@@ -106,10 +108,10 @@ class Puller:
         since = await self.cursor()
         page = await self.upstream.feed(self.unit, since, self.page_size)
         self.last_page = len(page.items)
-        latest: dict[str, str | None] = {}
+        latest: dict[str, FeedItem] = {}
         for entry in page.items:
             latest.pop(entry.code, None)
-            latest[entry.code] = entry.digest
+            latest[entry.code] = entry
         codes = await self._changed(latest)
         self.echoes += len(latest) - len(codes)
         fetched = await asyncio.gather(*(self._fetch(code) for code in codes))
@@ -121,23 +123,48 @@ class Puller:
         self.pulled += len(codes)
         return len(page.items) >= self.page_size
 
-    async def _changed(self, latest: dict[str, str | None]) -> list[str]:
-        """The codes of a page worth fetching: from the portal, all but those whose feed digest this node
-        already holds; from the city system, all of them.
+    async def _changed(self, latest: dict[str, FeedItem]) -> list[str]:
+        """The codes of a page worth fetching: all but the echoes of this node's own pushes.
 
-        The city's Doc is a CRDT: an equal record does not mean an equal history, and the operations this
-        node lacks decide how later concurrent writes resolve (a forwarding state taken back over a newer
-        one was seen when they were skipped). Its diff against the node's state vector is empty for a true
-        echo anyway. The portal holds only the record, so an equal digest there means nothing to merge.
+        From the portal, an echo is an item whose digest this node already holds: the portal keeps only the
+        record, so an equal record means nothing to merge. From the city system, an echo is an item whose
+        state vector this node's own covers: then the node holds every operation of the city's Doc and the
+        diff would be empty. An equal record is not enough there: the city's Doc is a CRDT, and operations
+        this node lacked but skipped because the record looked the same decide how later concurrent writes
+        resolve (a forwarding state taken back over a newer one was seen when they were). An item that
+        gives neither is always fetched.
         """
         if self.portal_client_id is None:
-            return list(latest)
-        given = [code for code, d in latest.items() if d is not None]
+            given = [code for code, item in latest.items() if item.state_vector is not None]
+            if not given:
+                return list(latest)
+            held_svs = await self._held_state_vectors(given)
+            return [code for code, item in latest.items() if not self._covered(item, held_svs.get(code))]
+        given = [code for code, item in latest.items() if item.digest is not None]
         held: dict[str, str] = {}
         if given:
             marks = ",".join("?" for _ in given)
             held = dict(await self.store.fetchall(f"SELECT code, digest FROM dossiers WHERE code IN ({marks})", given))
-        return [code for code, d in latest.items() if d is None or held.get(code) != d]
+        return [code for code, item in latest.items() if item.digest is None or held.get(code) != item.digest]
+
+    async def _held_state_vectors(self, codes: list[str]) -> dict[str, dict[int, int]]:
+        """``{code: {client: clock}}`` of the Docs this node has stored, for those of ``codes`` it holds."""
+        marks = ",".join("?" for _ in codes)
+        rows = await self.store.fetchall(f"SELECT code, state FROM dossiers WHERE code IN ({marks})", codes)
+        sealer = self.store.sealer
+        return {
+            str(code): decode_state_vector(pycrdt.get_state(sealer.state(str(code), state))) for code, state in rows
+        }
+
+    @staticmethod
+    def _covered(item: FeedItem, held: dict[int, int] | None) -> bool:
+        if held is None or item.state_vector is None:
+            return False
+        try:
+            theirs = decode_state_vector(item.state_vector)
+        except ValueError:
+            return False  # not a state vector: fetch the item as if the feed had not given one
+        return covers(held, theirs)
 
     async def _advance(self, seq: int, *, merged: bool) -> None:
         """Move the cursor past a page. A page that brought nothing in (only echoes of this node's own pushes)

@@ -8,20 +8,29 @@ load the whole city pays for.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import pycrdt
 import pytest
+from pycrdt import Map
 
-from adapters.base import FeedPage, Fetched, Outgoing, PushResult, UpstreamError
+from adapters.base import FeedPage, Fetched, Outgoing, PushResult, UpstreamError, feed_state_vector
 from failover.breaker import BreakerState
 from failover.health import Prober
 from failover.windows import CircuitOpen, FaultWindows, GuardedUpstream
 from node.store import Store
-from tests.conftest import eventually
+from sync import doc as ydoc
+from sync.puller import Puller
+from sync.record import FIELDS, digest, materialise
+from sync.statevector import covers, decode_state_vector
+from tests.conftest import UNIT, eventually
+from tests.test_antientropy import push_elsewhere
 from tests.test_breaker import make
 from tests.test_failover import cluster
+from tests.test_pull import city
 from tests.test_replication import post_workload, wait_converged
 
 
@@ -189,3 +198,54 @@ class TestBookkeepingCommits:
                 await store.write(boom, durable=False)
             assert await store.on_writer(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2
             assert await store.get_meta("a") == "1"
+
+
+OTHER_CLIENT = 777_000_444
+
+
+class TestCityEcho:
+    """A city feed item is skipped only when the node's state vector covers the city's Doc; an equal record
+    with operations the node lacks is still fetched."""
+
+    async def test_covered_items_skipped_equal_record_fetched(self, tmp_path: Path) -> None:
+        async with cluster(tmp_path) as (node, url, s, ups):
+            codes = await post_workload(url, s, 3)
+            await wait_converged(node, ups)
+            puller = Puller(node.store, node.service, node.guarded["city"].inner, unit=UNIT)
+            while await puller.run_once():
+                pass
+            assert (puller.echoes, puller.pulled) == (3, 0)
+
+            # Another writer sets a field to the value it already holds: the record and its digest stay the
+            # same, the Doc's history does not.
+            code = codes[0]
+            adapter = city(ups)
+            try:
+                fetched = await adapter.fetch(code, None)
+                assert fetched is not None and fetched.update is not None
+                other = ydoc.load_doc(code, fetched.update, OTHER_CLIENT)
+                fields = other.get(FIELDS, type=Map)
+                with other.transaction():
+                    fields["NgayHenTra"] = fields["NgayHenTra"]
+                record, _ = materialise(other)
+                assert digest(record) == fetched.digest
+                await push_elsewhere(
+                    ups, "city", Outgoing(code, record, digest(record), other.get_update(), fetched.state_vector)
+                )
+                city_sv = decode_state_vector(other.get_state())
+            finally:
+                await adapter.close()
+
+            puller.reload_cursor()
+            while await puller.run_once():
+                pass
+            assert puller.pulled == 1  # the one item the node's state vector did not cover
+            row = await node.store.fetchone("SELECT state FROM dossiers WHERE code = ?", (code,))
+            assert row is not None
+            held = decode_state_vector(pycrdt.get_state(node.store.sealer.state(code, row[0])))
+            assert covers(held, city_sv)
+
+    def test_feed_state_vector_parsing(self) -> None:
+        assert feed_state_vector({"sv": "AQKDAQ"}) == base64.urlsafe_b64decode("AQKDAQ==")
+        for bad in ({}, {"sv": ""}, {"sv": 7}, {"sv": "!!!"}):
+            assert feed_state_vector(bad) is None
