@@ -260,7 +260,10 @@ class Fetcher:
 
     async def _failed(self, sha: str, attempts: int, error: str) -> None:
         self.stats["failed_rounds"] += 1
-        delay_s = full_jitter(attempts, self.settings.retry_base_s, self.settings.retry_cap_s)
+        # At least the base wait: full jitter alone may draw next to nothing, and a refused fetch would then
+        # go straight out again in the next round.
+        base_s = self.settings.retry_base_s
+        delay_s = max(base_s, full_jitter(attempts, base_s, self.settings.retry_cap_s))
         next_at = self.clock.ms() + int(delay_s * 1000)
         await self.store.write(
             lambda c: c.execute(
