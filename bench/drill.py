@@ -21,7 +21,8 @@ there; what they did not send is reported, and the run misses its target.
 
 Baseline, measured in the same run first: the same day and compression without any fault on a fleet
 ``--baseline-share`` times smaller with as many times fewer dossiers (so the same load per node); printed as
-ratios: actions per second (ideal: the share), wall time and memory per node of the full drill against it.
+ratios: actions per second (ideal: the share), wall time, memory per node and CPU per action (every process's
+CPU over the run per action played; ideal x1) of the full drill against it.
 ``--baseline-share 0`` skips it. Targets: the full drill under 300 s and 3 GiB on a 2-core machine, every
 invariant holding and the whole plan played. ``--check`` exits 1 when one is missed.
 """
@@ -129,6 +130,11 @@ def measure(opts: Options, label: str) -> dict[str, Any]:
         "peak_tree_rss_mb": r["peak_tree_rss_mb"],
         "rss_mb_per_node": round(r["peak_tree_rss_mb"] / max(1, r["nodes"]), 2),
         "machine_cpu_pct_of_one": round((machine_busy_s() - busy0) / wall * 100),
+        # Every process's CPU over the whole run (start-up and drain included) per action played: what the day
+        # costs the machine, comparable between runs that played different shares of their plan.
+        "cpu_ms_per_action": round((machine_busy_s() - busy0) * 1000 / d["actions_done"], 2)
+        if d["actions_done"]
+        else None,
         "loadavg_after": loadavg(),
         "errors": r["errors"][:5],
     }
@@ -180,7 +186,8 @@ def print_report(rep: dict[str, Any]) -> None:
             )
         print(
             f"  peak RSS of the process tree {m['peak_tree_rss_mb']} MB ({m['rss_mb_per_node']} MB per node); "
-            f"machine CPU {m['machine_cpu_pct_of_one']} % of one CPU (all processes), load {m['loadavg_after']}"
+            f"machine CPU {m['machine_cpu_pct_of_one']} % of one CPU (all processes), load {m['loadavg_after']}, "
+            f"{fmt(m['cpu_ms_per_action'])} ms of CPU per action"
         )
     if rep.get("ratios"):
         r = rep["ratios"]
@@ -188,7 +195,7 @@ def print_report(rep: dict[str, Any]) -> None:
         print(
             f"against the baseline (x{rep['share']} fewer nodes and dossiers, no fault): actions/s "
             f"x{fmt(r['actions_per_s'])} (ideal x{rep['share']}), wall time x{fmt(r['wall'])}, "
-            f"memory per node x{fmt(r['rss_per_node'])}"
+            f"memory per node x{fmt(r['rss_per_node'])}, CPU per action x{fmt(r['cpu_per_action'])} (ideal x1)"
             + (
                 f"; each node beyond the baseline's adds {rep['marginal_mb_per_node']} MB"
                 if "marginal_mb_per_node" in rep
@@ -262,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             "actions_per_s": full["actions_per_s"] / base["actions_per_s"] if base["actions_per_s"] else None,
             "wall": full["wall_s"] / base["wall_s"],
             "rss_per_node": full["rss_mb_per_node"] / base["rss_mb_per_node"],
+            "cpu_per_action": full["cpu_ms_per_action"] / base["cpu_ms_per_action"]
+            if full["cpu_ms_per_action"] and base["cpu_ms_per_action"]
+            else None,
         }
         if full["nodes"] > base["nodes"]:
             # What one more node costs, without the fixed part (this process, the stand-ins, the interpreters).
