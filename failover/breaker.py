@@ -120,6 +120,11 @@ class Breaker:
         if self._state is BreakerState.HALF_OPEN and self._trials > 0:
             self._trials -= 1
 
+    @property
+    def in_doubt(self) -> bool:
+        """A call failed since the last success, or the breaker is trying the target again (half-open)."""
+        return self._consecutive > 0 or self.state is BreakerState.HALF_OPEN
+
     def record_success(self) -> None:
         self._consecutive = 0
         self._note(ok=True)

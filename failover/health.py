@@ -3,6 +3,12 @@
 The jitter (uniform in ±50 % of the interval) keeps 168 nodes from probing an upstream in step. A probe's
 outcome reaches the target's breaker through :class:`failover.windows.GuardedUpstream`, like every push
 and pull does.
+
+A probe is only the fallback for a target nothing else is talking to. A target in good standing (its last
+call succeeded) that answered any call within ``quiet_s`` is not probed: the node's pulls and pushes already
+say it is well. A target in doubt (a call failed since its last success, or its breaker is half-open) is
+probed on every slot in which nothing else succeeded, so a failure seen on a pull or a push is confirmed or
+cleared within a few intervals.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ class Prober:
         *,
         interval_s: float = 0.5,
         timeout_s: float = 2.0,
+        quiet_s: float = 0.0,
         rng: random.Random | None = None,
     ) -> None:
         self.targets = targets
         self.interval_s = interval_s
+        self.quiet_s = max(quiet_s, interval_s)
         self.timeout_s = timeout_s
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
@@ -62,11 +70,17 @@ class Prober:
         Not while its breaker is open: no call goes out then, and the breaker turns half-open by itself
         when its open time is up, after which the probe is one of its trial calls. Not when another call
         succeeded since the previous slot either: that already says the target is well, and 168 nodes must
-        not add a steady probe load to an upstream they are talking to anyway.
+        not add a steady probe load to an upstream they are talking to anyway. And for a target in good
+        standing, not until ``quiet_s`` have passed without any call succeeding.
         """
-        if target.breaker.state is BreakerState.OPEN:
+        breaker = target.breaker
+        if breaker.state is BreakerState.OPEN:
             return False
-        return target.last_ok is None or target.last_ok < since
+        if target.last_ok is None:
+            return True
+        if breaker.in_doubt:
+            return target.last_ok < since
+        return time.time() - target.last_ok >= self.quiet_s
 
     async def _run_target(self, target: GuardedUpstream) -> None:
         # Each target on its own schedule: a blackholed one must not delay probes of the other.

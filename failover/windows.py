@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adapters.base import FeedPage, Fetched, Outgoing, PushResult, Upstream, UpstreamError
-from failover.breaker import Breaker
+from failover.breaker import Breaker, BreakerState
 
 MODES = ("down", "blackhole", "latency", "error_rate")
 MAX_WINDOW_S = 24 * 3600.0
@@ -118,6 +118,11 @@ class GuardedUpstream:
         self.last_error: str | None = None
         self.last_ok: float | None = None
         self.refused = 0  # calls refused while the breaker was open
+
+    def refusing(self) -> bool:
+        """Whether calls are refused here right now (the breaker is open): a loop with work for this target
+        has nothing to gain by preparing it until the breaker turns half-open."""
+        return self.breaker.state is BreakerState.OPEN
 
     async def _call(self, op: str, fn: Callable[[], Any]) -> Any:
         if not self.breaker.allow():

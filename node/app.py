@@ -175,7 +175,10 @@ class Node:
                 )
                 await self.controller.load()
                 self.prober = Prober(
-                    list(self.guarded.values()), interval_s=fo.probe_interval_s, timeout_s=fo.probe_timeout_s
+                    list(self.guarded.values()),
+                    interval_s=fo.probe_interval_s,
+                    timeout_s=fo.probe_timeout_s,
+                    quiet_s=fo.probe_quiet_s,
                 )
             await self._seed_counters()
             self.metrics.attach(self)
@@ -325,6 +328,8 @@ class Node:
             # The active source every tick, slower while its feed stays empty; the standby slowly, so a switch
             # never starts from a cold cursor.
             nonlocal empty
+            if self.guarded[name].refusing():
+                return False  # its breaker is open: the feed read would be refused at once
             active = self.controller.active if self.controller is not None else name
             now = time.monotonic()
             if name != active:

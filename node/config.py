@@ -127,6 +127,8 @@ class FailoverSection:
     primary: str = "national"
     probe_interval_s: float = 1.0
     probe_timeout_s: float = 2.0
+    # A target in good standing that answered any call within this long is not probed (see failover/health.py).
+    probe_quiet_s: float = 5.0
     hold_s: float = 60.0
     evaluate_s: float = 0.25
     consecutive_failures: int = 4
@@ -392,7 +394,15 @@ def validate(config: Config) -> list[str]:
     fo = config.failover
     if fo.primary not in {"national", "city"}:
         problems.append(f"[failover] primary: {fo.primary!r} is not one of national, city")
-    for key in ("probe_interval_s", "probe_timeout_s", "evaluate_s", "window_s", "open_base_s", "open_cap_s"):
+    for key in (
+        "probe_interval_s",
+        "probe_timeout_s",
+        "probe_quiet_s",
+        "evaluate_s",
+        "window_s",
+        "open_base_s",
+        "open_cap_s",
+    ):
         if getattr(fo, key) <= 0:
             problems.append(f"[failover] {key}: must be positive")
     if fo.hold_s < 0:

@@ -295,6 +295,8 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
     return {
         "failover": {
             "probe_interval_s": s(1.0, poll_floor),
+            # As in production, five intervals: a target that answered a pull or a push lately is not probed.
+            "probe_quiet_s": s(5.0, 5 * poll_floor),
             "probe_timeout_s": s(2.0, 1.0),
             "hold_s": s(60.0, 3.0),
             "evaluate_s": s(0.25, 0.25 if nodes > 40 else 0.1),

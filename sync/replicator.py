@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base
 
 from adapters.base import Outcome, Outgoing, PushResult, Upstream, UpstreamError
+from failover.windows import GuardedUpstream
 from node.clock import Clock, iso
 from node.store import Store
 from sync.merge import PORTAL_BASE_UPSERT
@@ -108,6 +109,11 @@ class Replicator:
 
     async def run_once(self) -> bool:
         """Push one window; True when more work is waiting."""
+        if isinstance(self.upstream, GuardedUpstream) and self.upstream.refusing():
+            # Its breaker is open: every push would be refused at once. Reading and preparing the backlog
+            # for that, and logging each refusal, is the cost of a long outage on every node; the next tick
+            # after the breaker turns half-open pushes (a trial call) and the backlog drains from there.
+            return False
         cursor = await self.cursor()
         now_ms = int(time.time() * 1000)
         if self.journal_head is not None and self.journal_head() <= cursor and now_ms < self._quiet_until_ms:

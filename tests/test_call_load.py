@@ -29,7 +29,7 @@ from sync.statevector import covers, decode_state_vector
 from tests.conftest import UNIT, eventually
 from tests.test_antientropy import push_elsewhere
 from tests.test_breaker import make
-from tests.test_failover import cluster
+from tests.test_failover import cluster, until
 from tests.test_pull import city
 from tests.test_replication import post_workload, wait_converged
 
@@ -137,17 +137,27 @@ class TestProbes:
     """A probe goes out only when nothing else told the node how the target is."""
 
     def test_due(self) -> None:
-        g, _inner, _ = guarded(consecutive_failures=1, open_base_s=60.0)
-        prober = Prober([g], interval_s=1.0)
+        g, _inner, _ = guarded(consecutive_failures=2, open_base_s=60.0)
+        prober = Prober([g], interval_s=1.0, quiet_s=5.0)
         slot = time.time()
         assert prober.due(g, slot)  # never reached
         g.last_ok = slot + 0.1
         assert not prober.due(g, slot)  # a call succeeded since the last slot
-        assert prober.due(g, slot + 0.2)  # nothing since
+        assert not prober.due(g, slot + 0.2)  # nothing since, but in good standing and heard from lately
+        g.last_ok = time.time() - 5.5
+        assert prober.due(g, time.time())  # in good standing, quiet for longer than quiet_s
+        g.last_ok = time.time()
+        g.breaker.record_failure("reset")
+        assert g.breaker.in_doubt and g.breaker.state is BreakerState.CLOSED
+        assert prober.due(g, time.time() + 0.01)  # in doubt: every slot without a success since
         g.breaker.record_failure("down")
         assert g.breaker.state is BreakerState.OPEN
         g.last_ok = None
         assert not prober.due(g, slot)  # open: its own timer decides when to try again
+
+    def test_quiet_is_never_shorter_than_the_interval(self) -> None:
+        g, _inner, _ = guarded()
+        assert Prober([g], interval_s=2.0, quiet_s=0.5).quiet_s == 2.0
 
     async def test_busy_target_is_not_probed(self) -> None:
         g, _inner, _ = guarded()
@@ -249,3 +259,26 @@ class TestCityEcho:
         assert feed_state_vector({"sv": "AQKDAQ"}) == base64.urlsafe_b64decode("AQKDAQ==")
         for bad in ({}, {"sv": ""}, {"sv": 7}, {"sv": "!!!"}):
             assert feed_state_vector(bad) is None
+
+
+class TestOpenBreakerQuiet:
+    """While a target's breaker is open, the node neither prepares pushes for it nor reads its feed: nothing
+    is even refused, however much the desks write meanwhile."""
+
+    async def test_nothing_prepared_or_refused_while_open(self, tmp_path: Path) -> None:
+        async with cluster(tmp_path, open_base_s=60.0, open_cap_s=60.0) as (node, url, s, ups):
+            g = node.guarded["national"]
+            await ups.fault("national", mode="down")
+
+            async def is_open() -> bool:
+                return g.breaker.state is BreakerState.OPEN
+
+            await until(is_open, 10, "the national breaker opens")
+            await asyncio.sleep(0.3)  # a push or pull step that started before it opened has ended
+            refused = g.refused
+            await post_workload(url, s, 5, start=1)
+            await asyncio.sleep(1.5)  # several replicator and pull ticks
+            assert g.breaker.state is BreakerState.OPEN
+            assert g.refused == refused
+            lag = await node.replicators["national"].lag(node.service.journal_head)
+            assert lag["lag_records"] >= 5  # waiting, not lost: it goes out once the breaker half-opens
