@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# First, even when an editable install already lists it: this script's own directory is on the path too, and
+# its bench modules (failover.py) must not stand in for the packages of the same name.
+sys.path.insert(0, str(ROOT))
 
 import aiohttp  # noqa: E402
 

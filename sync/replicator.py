@@ -396,7 +396,12 @@ class Replicator:
             )
         )
         row = tuple(counts.get(k, 0) for k in ("pending", "dead", "parked", "held"))
-        oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
+        # Nothing in the journal past the cursor (the usual case): no entry to age, no query.
+        oldest = (
+            await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
+            if journal_head > cursor
+            else None
+        )
         lag_s = 0.0
         if oldest and oldest[0]:
             lag_s = max(

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pycrdt import Doc
 
 from adapters.base import Outgoing
@@ -55,6 +58,49 @@ def _exchange(*docs: Doc) -> None:
     for d in docs:
         for u in updates:
             d.apply_update(u)
+
+
+class TestOneWriter:
+    """A Doc only one client wrote has a single line of writes: no field conflicts, whatever the history
+    (materialise skips reading the history for them on that ground)."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from(["Email", "SoDienThoai", "DiaChi"]), st.sampled_from(["a", "b", "c", None])),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    def test_no_conflicts_and_the_same_answer_as_the_full_reading(self, edits: list[tuple[str, str | None]]) -> None:
+        doc = ydoc.new_doc(factories.code(7), 601)
+        ydoc.change(doc, lambda d: ydoc.put_fields(d, {"MaHoSo": factories.code(7)}))
+        for name, value in edits:
+
+            def edit(d: Doc[Any], name: str = name, value: str | None = value) -> None:
+                fields = ydoc.fields_map(d)
+                if value is None:
+                    fields.pop(name, None)
+                else:
+                    fields[name] = value
+
+            ydoc.change(doc, edit)
+            # Reloaded under the same client id, as a node reopening its store does.
+            doc = ydoc.load_doc(factories.code(7), doc.get_update(), 601)
+        assert doc.get_state()[:1] == b"\x01"
+        assert field_conflicts(doc.get_update()) == []
+        assert [c for c in materialise(doc)[1] if c.get("kind") != "illegal_transition"] == []
+
+    def test_two_writers_are_still_read(self) -> None:
+        """The shortcut stops at one writer: two concurrent writers still give their conflict."""
+        base = ydoc.new_doc(factories.code(8), 701)
+        ydoc.change(base, lambda d: ydoc.put_fields(d, {"MaHoSo": factories.code(8), "Email": "x@example.vn"}))
+        other = ydoc.load_doc(factories.code(8), base.get_update(), 702)
+        u1 = ydoc.change(base, lambda d: ydoc.put_fields(d, {"Email": "mot@example.vn"}))
+        ydoc.change(other, lambda d: ydoc.put_fields(d, {"Email": "hai@example.vn"}))
+        other.apply_update(u1)
+        assert other.get_state()[:1] == b"\x02"
+        assert [c["field"] for c in materialise(other)[1]] == ["Email"]
 
 
 class TestEqualValuesAndCopies:
