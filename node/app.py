@@ -53,7 +53,9 @@ class Node:
         self.config = config
         register_secrets(*secret_values(config))  # the credentials never reach a log, whatever the message
         self.clock = clock or Clock()
-        self.store = Store(config.db_path, sealer=crypto.sealer_for(config.node.key_file))
+        self.store = Store(
+            config.db_path, sealer=crypto.sealer_for(config.node.key_file), cache_kib=config.node.sqlite_cache_kib
+        )
         self.resealer: crypto.Resealer | None = None
         self.auth = Auth(self.store, self.clock)
         self.deadlines = Deadlines.load(config.node.procedure_catalogue)

@@ -20,6 +20,7 @@ from node.secretfile import exposure_problem
 DEFAULT_LISTEN = "127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_MAX_BODY = 256 * 1024
+DEFAULT_SQLITE_CACHE_KIB = 2000  # SQLite's default page cache (cache_size = -2000)
 DEFAULT_MAX_DOCUMENT = 20 * 1024 * 1024
 ENV_PREFIX = "WARDSYNC_"
 
@@ -40,6 +41,9 @@ class NodeSection:
     data_dir: str = DEFAULT_DATA_DIR
     max_body_bytes: int = DEFAULT_MAX_BODY
     shutdown_timeout_s: float = 30.0
+    # Page cache of each of the store's two SQLite connections, in KiB (SQLite's own default is about 2 MB).
+    # Several nodes in one process (a drill's fleet) keep their memory bounded with a smaller one.
+    sqlite_cache_kib: int = DEFAULT_SQLITE_CACHE_KIB
     # Submitted documents: the largest upload, the URL other systems fetch them from (empty: derived from
     # listen), and the bearer token (role peer) this node shows other units' nodes when it fetches theirs.
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT
@@ -344,6 +348,8 @@ def validate(config: Config) -> list[str]:
         )
     if not 1024 <= node.max_body_bytes <= 64 * 1024 * 1024:
         problems.append("[node] max_body_bytes: must be between 1024 and 67108864")
+    if not 64 <= node.sqlite_cache_kib <= 1024 * 1024:
+        problems.append("[node] sqlite_cache_kib: must be between 64 and 1048576 (KiB per SQLite connection)")
     if not 1024 <= node.max_document_bytes <= 1024**3:
         problems.append("[node] max_document_bytes: must be between 1024 and 1073741824")
     for url in split_peer_urls(node.peer_urls):

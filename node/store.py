@@ -43,11 +43,13 @@ class SchemaTooNew(Exception):
     """The store was written by a newer release; running an older one over it would lose data."""
 
 
-async def _pragmas(conn: aiosqlite.Connection) -> None:
+async def _pragmas(conn: aiosqlite.Connection, cache_kib: int | None = None) -> None:
     await conn.execute("PRAGMA journal_mode=WAL")
     await conn.execute("PRAGMA synchronous=FULL")
     await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     await conn.execute("PRAGMA foreign_keys=ON")
+    if cache_kib is not None:
+        await conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
 
 
 async def migrate(conn: aiosqlite.Connection, target: int = LATEST) -> int:
@@ -107,8 +109,10 @@ class Store:
     beside the writer and see every committed transaction.
     """
 
-    def __init__(self, path: Path, sealer: Sealer | None = None) -> None:
+    def __init__(self, path: Path, sealer: Sealer | None = None, *, cache_kib: int | None = None) -> None:
         self.path = path
+        # Page cache per connection in KiB ([node] sqlite_cache_kib); None: SQLite's default.
+        self.cache_kib = cache_kib
         # The one codec for dossier contents at rest: sealed under a keyring, or clear without one.
         self.sealer = sealer or Sealer()
         self._conn: sqlite3.Connection | None = None
@@ -140,7 +144,7 @@ class Store:
         try:
             self._conn = await asyncio.get_running_loop().run_in_executor(executor, self._connect_writer)
             reader = await aiosqlite.connect(self.path, isolation_level=None)
-            await _pragmas(reader)
+            await _pragmas(reader, self.cache_kib)
         except BaseException:
             executor.shutdown(wait=True)
             raise
@@ -150,6 +154,8 @@ class Store:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for pragma in ("journal_mode=WAL", "synchronous=FULL", f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON"):
             conn.execute(f"PRAGMA {pragma}")
+        if self.cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size=-{int(self.cache_kib)}")
         return conn
 
     async def close(self) -> None:

@@ -318,6 +318,9 @@ def scaled_settings(factor: float, nodes: int) -> dict[str, dict[str, float]]:
             "seed_timeout_s": 2.0,
         },
         "timeouts": {"timeout_s": s(10.0, 2.0)},
+        # Dozens of nodes share each worker process: a smaller SQLite page cache per connection keeps a full
+        # peak day of a big fleet within its memory (two connections per node; SQLite's default is 2 MB).
+        "node": {"sqlite_cache_kib": 512 if nodes > 40 else 2000},
     }
 
 
@@ -444,6 +447,7 @@ class Drill:
                 "city": timeout,
                 "failover": self.settings["failover"],
                 "replication": self.settings["replication"],
+                "node": self.settings["node"],
                 "serve": True,
                 "poll_s": 0.05,
                 "status_s": 0.5,

@@ -364,7 +364,13 @@ def node_config(spec: dict[str, Any], n: dict[str, str]) -> Config:
     return load_config(
         env={},
         overrides={
-            "node": {"unit": n["unit"], "agency_code": agency, "listen": "127.0.0.1:0", "data_dir": n["data_dir"]},
+            "node": {
+                **spec.get("node", {}),
+                "unit": n["unit"],
+                "agency_code": agency,
+                "listen": "127.0.0.1:0",
+                "data_dir": n["data_dir"],
+            },
             "targets.national": {
                 "url": spec["national_url"],
                 "username": DEMO_USERNAME,

@@ -11,10 +11,10 @@ import aiosqlite
 import pytest
 
 from node.app import Node
-from node.config import Config
+from node.config import Config, ConfigError
 from node.migrations import LATEST
 from node.store import SchemaTooNew, Store, migrate
-from tests.conftest import running_node, valid_intake
+from tests.conftest import make_config, running_node, valid_intake
 
 DOSSIERS = "/api/v1/dossiers"
 STEP = {"TrangThai": 4, "NguoiXuLy": "Trần Văn Bình"}
@@ -223,6 +223,23 @@ class TestDurability:
                 assert (await cur.fetchone())[0] == "wal"
             async with node.store.reader.execute("PRAGMA synchronous") as cur:
                 assert (await cur.fetchone())[0] == 2
+
+
+class TestPageCache:
+    """[node] sqlite_cache_kib sizes the page cache of both connections; bad values are refused."""
+
+    async def test_both_connections_take_the_setting(self, tmp_path: Path) -> None:
+        config = make_config(tmp_path, sqlite_cache_kib=384)
+        async with running_node(config) as (node, _, _):
+            writer = await node.store.on_writer(lambda c: c.execute("PRAGMA cache_size").fetchone()[0])
+            async with node.store.reader.execute("PRAGMA cache_size") as cur:
+                reader = (await cur.fetchone())[0]
+        assert (writer, reader) == (-384, -384)
+
+    @pytest.mark.parametrize("value", [0, 63, 2**21])
+    def test_out_of_range_is_refused(self, tmp_path: Path, value: int) -> None:
+        with pytest.raises(ConfigError, match=r"\[node\] sqlite_cache_kib: must be between 64 and 1048576"):
+            make_config(tmp_path, sqlite_cache_kib=value)
 
 
 async def _post(session: Any, url: str, body: Any) -> tuple[int, Any]:
