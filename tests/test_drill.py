@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 
 from simulations.checker import Snapshot, check
-from simulations.drill import ScenarioError, list_scenarios, parse_scenario
+from simulations.drill import ScenarioError, list_scenarios, parse_scenario, scaled_settings
+from simulations.fleet import node_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHORT = ["--nodes", "12", "--minutes", "0.25", "--dossiers", "150", "--drain-s", "40"]
@@ -298,6 +299,25 @@ def _snapshot() -> Snapshot:
         upstreams={"national": {"C0": "d0", "C1": "d1"}, "city": {"C0": "d0", "C1": "d1"}},
         upstream_duplicates={"national": 0, "city": 0},
     )
+
+
+class TestFleetNodeSettings:
+    """A big fleet's nodes get a smaller SQLite page cache; a node's own unit and store always win."""
+
+    def test_page_cache_by_fleet_size(self) -> None:
+        assert scaled_settings(120.0, 168)["node"] == {"sqlite_cache_kib": 512}
+        assert scaled_settings(120.0, 12)["node"] == {"sqlite_cache_kib": 2000}
+
+    def test_worker_spec_reaches_the_node_config(self, tmp_path: Path) -> None:
+        spec = {
+            "national_url": "http://127.0.0.1:9",
+            "city_url": "http://127.0.0.1:9",
+            "node": {"sqlite_cache_kib": 512, "unit": "00000", "data_dir": "/elsewhere"},
+        }
+        n = {"unit": "26743", "agency": "000.20.00.H29", "data_dir": str(tmp_path / "26743")}
+        config = node_config(spec, n)
+        assert config.node.sqlite_cache_kib == 512
+        assert (config.node.unit, config.node.data_dir) == ("26743", str(tmp_path / "26743"))
 
 
 class TestChecker:
