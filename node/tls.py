@@ -34,34 +34,13 @@ def server_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
-# Contexts already built, by (CA bundle, its size and modification time, verify). Loading a trust store costs
-# tens of milliseconds; nodes sharing a process (a drill's fleet) and every session of one node reuse one
-# context, and a bundle replaced on disk is loaded afresh. A context is never changed once built.
-_client_contexts: dict[tuple[str | None, int, int, bool], ssl.SSLContext] = {}
-_MAX_CACHED_CONTEXTS = 16
-
-
 def client_context(target: Any) -> ssl.SSLContext:
     """The SSL context for calls to one upstream: its CA bundle, or the system's trust store."""
-    cafile = target.ca_bundle or None
-    # The system's trust store is watched through its bundle file, so that an update of it is seen too.
-    watched = cafile or ssl.get_default_verify_paths().openssl_cafile
-    try:
-        st = Path(watched).stat()
-    except OSError:
-        st = None  # no system bundle file; a missing ca_bundle is reported by create_default_context
-    key = (cafile, st.st_size if st else -1, st.st_mtime_ns if st else -1, bool(target.tls_verify))
-    ctx = _client_contexts.get(key) if st is not None or cafile is None else None
-    if ctx is not None:
-        return ctx
-    ctx = ssl.create_default_context(cafile=cafile)
+    ctx = ssl.create_default_context(cafile=target.ca_bundle or None)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if not target.tls_verify:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-    if len(_client_contexts) >= _MAX_CACHED_CONTEXTS:
-        _client_contexts.clear()
-    _client_contexts[key] = ctx
     return ctx
 
 

@@ -396,12 +396,7 @@ class Replicator:
             )
         )
         row = tuple(counts.get(k, 0) for k in ("pending", "dead", "parked", "held"))
-        # Nothing in the journal past the cursor (the usual case): no entry to age, no query.
-        oldest = (
-            await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
-            if journal_head > cursor
-            else None
-        )
+        oldest = await self.store.fetchone("SELECT min(at) FROM journal WHERE seq > ?", (cursor,))
         lag_s = 0.0
         if oldest and oldest[0]:
             lag_s = max(

@@ -214,42 +214,6 @@ class TestUpstream:
                         with pytest.raises(UpstreamError, match=r"(?i)certificate"):
                             await adapter.probe()
 
-    def test_one_context_per_bundle_and_setting(self, tmp_path: Path, pki: Pki) -> None:
-        """Sessions with the same trust settings share one context (loading a trust store is slow); a
-        different bundle or tls_verify gets its own."""
-        url = "https://127.0.0.1:9"
-        with_ca = node_config(tmp_path, {"targets.national": national(url, ca_bundle=str(pki.ca))}).national
-        again = node_config(tmp_path, {"targets.national": national(url, ca_bundle=str(pki.ca))}).national
-        rogue = node_config(tmp_path, {"targets.national": national(url, ca_bundle=str(pki.rogue_ca))}).national
-        unverified = node_config(tmp_path, {"targets.national": national(url, tls_verify="false")}).national
-        system = node_config(tmp_path, {"targets.national": national(url)}).national
-        assert client_context(with_ca) is client_context(again)
-        assert client_context(system) is client_context(system)
-        contexts = [client_context(t) for t in (with_ca, rogue, unverified, system)]
-        assert len({id(c) for c in contexts}) == 4
-        assert client_context(unverified).verify_mode == ssl.CERT_NONE
-        assert client_context(system).verify_mode == ssl.CERT_REQUIRED
-
-    async def test_a_bundle_replaced_on_disk_is_loaded_again(self, tmp_path: Path, pki: Pki) -> None:
-        """The context follows the bundle file: the rogue CA in it is refused, the right CA written over the
-        same path is trusted at the next context."""
-        bundle = tmp_path / "upstream-ca.pem"
-        bundle.write_bytes(pki.rogue_ca.read_bytes())
-        async with https_portal(tmp_path / "portal", pki) as url:
-            config = node_config(tmp_path, {"targets.national": national(url, ca_bundle=str(bundle))})
-            assert config.national is not None
-            for ok in (False, True):
-                connector = aiohttp.TCPConnector(ssl=client_context(config.national))
-                async with aiohttp.ClientSession(connector=connector) as session:
-                    adapter = NationalAdapter(url, username=DEMO_USERNAME, password=DEMO_PASSWORD, dstcode=AGENCY,
-                                              madonvi=AGENCY, session=session, timeout_s=2.0)
-                    if ok:
-                        await adapter.probe()
-                    else:
-                        with pytest.raises(UpstreamError, match=r"(?i)certificate"):
-                            await adapter.probe()
-                bundle.write_bytes(pki.ca.read_bytes() + b"\n")  # the operator installs the right CA
-
     async def test_node_replicates_over_verified_https(self, tmp_path: Path, pki: Pki) -> None:
         """A node with the right ca_bundle pushes to the HTTPS portal; status shows verification on."""
         async with https_portal(tmp_path / "portal", pki) as url:
