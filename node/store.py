@@ -43,13 +43,17 @@ class SchemaTooNew(Exception):
     """The store was written by a newer release; running an older one over it would lose data."""
 
 
-async def _pragmas(conn: aiosqlite.Connection, cache_kib: int | None = None) -> None:
-    await conn.execute("PRAGMA journal_mode=WAL")
-    await conn.execute("PRAGMA synchronous=FULL")
-    await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    await conn.execute("PRAGMA foreign_keys=ON")
+def _pragma_list(cache_kib: int | None = None) -> list[str]:
+    """The settings of every connection to a store: the reader's, the writer's and the migrations'."""
+    pragmas = ["journal_mode=WAL", "synchronous=FULL", f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON"]
     if cache_kib is not None:
-        await conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        pragmas.append(f"cache_size=-{int(cache_kib)}")
+    return pragmas
+
+
+async def _pragmas(conn: aiosqlite.Connection, cache_kib: int | None = None) -> None:
+    for pragma in _pragma_list(cache_kib):
+        await conn.execute(f"PRAGMA {pragma}")
 
 
 async def migrate(conn: aiosqlite.Connection, target: int = LATEST) -> int:
@@ -152,10 +156,8 @@ class Store:
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", f"busy_timeout={BUSY_TIMEOUT_MS}", "foreign_keys=ON"):
+        for pragma in _pragma_list(self.cache_kib):
             conn.execute(f"PRAGMA {pragma}")
-        if self.cache_kib is not None:
-            conn.execute(f"PRAGMA cache_size=-{int(self.cache_kib)}")
         return conn
 
     async def close(self) -> None:
